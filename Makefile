@@ -1,0 +1,26 @@
+# Two entry points a newcomer needs: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	JAX_PLATFORMS=cpu $(PY) -m bpo_jax.main --config configs/demo.yaml
+
+test: install
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q tests
+
+bench: install
+	JAX_PLATFORMS=cpu $(PY) -m bench.run_all
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
