@@ -70,6 +70,11 @@ class ModelConfig:
     remat: bool = False
 
     def __post_init__(self) -> None:
+        # Hashable fields: the config is static data inside jitted model graphs.
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if self.num_attention_heads % self.num_key_value_heads:
             raise ModelConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -77,6 +82,17 @@ class ModelConfig:
             )
         resolve_dtype(self.param_dtype)
         resolve_dtype(self.dtype)
+
+    @property
+    def rope_scaling_dict(self) -> dict | None:
+        return dict(self.rope_scaling) if self.rope_scaling else None
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """All end-of-sequence ids (Llama 3 configs list several)."""
+        if self.eos_token_id is None:
+            return ()
+        return tuple(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
 
     @property
     def is_reward_model(self) -> bool:
@@ -125,13 +141,13 @@ class ModelConfig:
             "head_dim": self.head_dim,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
-            "rope_scaling": self.rope_scaling,
+            "rope_scaling": self.rope_scaling_dict,
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "hidden_act": "silu",
             "torch_dtype": self.param_dtype,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
+            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
             "pad_token_id": self.pad_token_id,
         }
         if self.model_type in ("llama",):
@@ -214,7 +230,7 @@ def rope_inverse_frequencies(config: ModelConfig) -> "jnp.ndarray":
     """Inverse rotary frequencies, with Llama 3 / linear scaling applied as Hugging Face does."""
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-    rs = config.rope_scaling
+    rs = config.rope_scaling_dict
     if not rs:
         return inv_freq
     kind = rs.get("rope_type", rs.get("type"))

@@ -1,0 +1,211 @@
+"""Hugging Face checkpoint import/export (config.json + *.safetensors, sharded or not).
+
+Import never initializes random weights: the model is built abstractly (nnx.eval_shape) and each
+tensor is read from disk, checked, cast and placed directly on its sharding, so an 8B checkpoint
+loads onto an FSDP mesh without a full host-side copy per device.
+Export writes the same layout (merging LoRA adapters into the kernels), so transformers or vLLM
+load a trained policy as they would the original.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from bpo_jax.io_utils import write_json
+from bpo_jax.models.config import ModelConfig, resolve_dtype
+from bpo_jax.models.llama import CausalLM, Linear
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Tensors some checkpoints carry that the model recomputes or does not use.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that does not match the model its config describes."""
+
+
+def hf_tensor_name(path: tuple) -> tuple[str, bool]:
+    """Map an NNX parameter path to (Hugging Face tensor name, needs transpose)."""
+    *module, leaf = (str(p) for p in path)
+    prefix = [] if module[0] in ("lm_head", "score") else ["model"]
+    name = ".".join(prefix + module + ["bias" if leaf == "bias" else "weight"])
+    return name, leaf == "kernel"
+
+
+def _open_checkpoint(directory: Path) -> dict[str, Path]:
+    """tensor name -> file holding it."""
+    index = directory / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index (field 'weight_map': {e})") from None
+        return {name: directory / fname for name, fname in weight_map.items()}
+    single = directory / SINGLE_FILE
+    if single.exists():
+        with safe_open(single, framework="np") as f:
+            return {name: single for name in f.keys()}
+    raise FileNotFoundError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} found")
+
+
+def load_hf_model(
+    directory: str | Path,
+    *,
+    dtype: str = "float32",
+    param_dtype: str = "float32",
+    remat: bool = False,
+    shardings: Callable[[tuple, tuple], jax.sharding.Sharding] | None = None,
+) -> CausalLM:
+    """Load a local Hugging Face model directory into a CausalLM.
+
+    `shardings(path, shape)` may return where each parameter goes (see bpo_jax.sharding);
+    by default everything lands on the default device.
+    """
+    directory = Path(directory)
+    config = ModelConfig.from_file(directory, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    abstract = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    tensor_files = _open_checkpoint(directory)
+    pdt = resolve_dtype(param_dtype)
+
+    expected = {}
+    for path, var in nnx.to_flat_state(state):
+        name, transpose = hf_tensor_name(path)
+        expected[name] = (path, var, transpose)
+    missing = sorted(set(expected) - set(tensor_files))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise CheckpointError(f"{directory}: missing tensor(s) {shown} for {config.architecture}")
+    unexpected = [
+        n
+        for n in tensor_files
+        if n not in expected
+        and not n.endswith(_IGNORED_SUFFIXES)
+        and not (n == "lm_head.weight" and config.tie_word_embeddings)
+    ]
+    if unexpected:
+        raise CheckpointError(
+            f"{tensor_files[unexpected[0]]}: unexpected tensor {unexpected[0]!r} for {config.architecture}"
+            f" ({len(unexpected)} unexpected in all)"
+        )
+
+    handles: dict[Path, Any] = {}
+    try:
+        for name, (path, var, transpose) in expected.items():
+            file = tensor_files[name]
+            if file not in handles:
+                handles[file] = safe_open(file, framework="np")
+            array = handles[file].get_tensor(name)
+            if transpose:
+                array = array.T
+            if array.shape != tuple(var.shape):
+                want = tuple(reversed(var.shape)) if transpose else tuple(var.shape)
+                got = tuple(reversed(array.shape)) if transpose else array.shape
+                raise CheckpointError(f"{file}: tensor {name!r} has shape {got}, expected {want}")
+            value = jnp.asarray(np.ascontiguousarray(array), dtype=pdt)
+            if shardings is not None:
+                value = jax.device_put(value, shardings(path, value.shape))
+            var.value = value
+    finally:
+        for h in handles.values():
+            h.__exit__(None, None, None)
+    return nnx.merge(graphdef, state)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+def export_tensors(model: CausalLM, dtype: str | None = None) -> dict[str, np.ndarray]:
+    """Hugging Face-named host arrays of the model, LoRA adapters merged into their kernels."""
+    out_dtype = None if dtype is None else np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    tensors: dict[str, np.ndarray] = {}
+    lora_deltas: dict[tuple, np.ndarray] = {}
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, Linear) and module.lora_a is not None:
+            a = _to_host(module.lora_a[...]).astype(np.float32)
+            b = _to_host(module.lora_b[...]).astype(np.float32)
+            lora_deltas[tuple(path) + ("kernel",)] = (a @ b) * module.lora_scale
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name, transpose = hf_tensor_name(path)
+        array = _to_host(var[...])
+        if tuple(path) in lora_deltas:
+            array = (array.astype(np.float32) + lora_deltas[tuple(path)]).astype(array.dtype)
+        if transpose:
+            array = array.T
+        if out_dtype is not None:
+            array = array.astype(out_dtype)
+        tensors[name] = np.ascontiguousarray(array)
+    return tensors
+
+
+def save_hf_model(
+    model: CausalLM,
+    directory: str | Path,
+    *,
+    dtype: str | None = None,
+    max_shard_bytes: int = 5 * 1024**3,
+    extra_files: dict[str, Path] | None = None,
+) -> Path:
+    """Write config.json + safetensors (sharded with an index above `max_shard_bytes`).
+
+    The directory is assembled beside the target and renamed into place, so a crash never
+    leaves a half-written checkpoint. `extra_files` (e.g. tokenizer files) are copied along.
+    Only process 0 writes; other processes just take part in gathering sharded params.
+    """
+    directory = Path(directory)
+    tensors = export_tensors(model, dtype)
+    if jax.process_index() != 0:
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        config = model.config.to_hf_dict()
+        if dtype is not None:
+            config["torch_dtype"] = dtype
+        write_json(tmp / "config.json", config)
+        shards: list[dict[str, np.ndarray]] = [{}]
+        size = 0
+        for name, array in tensors.items():
+            if shards[-1] and size + array.nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = array
+            size += array.nbytes
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SINGLE_FILE), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({name: fname for name in shard})
+            total = sum(a.nbytes for a in tensors.values())
+            write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        for fname, src in (extra_files or {}).items():
+            shutil.copyfile(src, tmp / fname)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory

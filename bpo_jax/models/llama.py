@@ -1,0 +1,308 @@
+"""A Llama-family causal LM (Llama 2/3, Mistral, Qwen2) in Flax NNX.
+
+Parameter names mirror Hugging Face's module tree (``layers[i].self_attn.q_proj.kernel`` for
+``model.layers.i.self_attn.q_proj.weight``) so checkpoint import/export is a rename + transpose.
+
+Attention masking is expressed with *segment ids*: tokens attend causally to earlier tokens of
+the same non-zero segment. A plain padded batch uses ``segment_ids = attention_mask`` (pads are
+segment 0), a packed batch numbers its examples 1, 2, ... in one row. Positions default to
+``cumsum(attention_mask) - 1`` so left- and right-padded batches give the same logits per token.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bpo_jax.models.config import ModelConfig, resolve_dtype, rope_inverse_frequencies
+
+_MASKED = jnp.finfo(jnp.float32).min
+
+
+class KVCache(NamedTuple):
+    """Preallocated keys/values per layer: [batch, max_len, kv_heads, head_dim] each."""
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+
+
+class Linear(nnx.Module):
+    """y = x W (+ b) (+ LoRA: x A B * scale); kernel stored [in, out]."""
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, config: ModelConfig, rngs: nnx.Rngs):
+        pdt = resolve_dtype(config.param_dtype)
+        self.kernel = nnx.Param(0.02 * jax.random.normal(rngs.params(), (in_features, out_features), pdt))
+        self.bias = nnx.Param(jnp.zeros((out_features,), pdt)) if use_bias else None
+        # LoRA adapters are attached later by bpo_jax.models.lora (data attributes, None when off).
+        self.lora_a: nnx.LoRAParam | None = nnx.data(None)
+        self.lora_b: nnx.LoRAParam | None = nnx.data(None)
+        self.lora_scale = 0.0
+        self.dtype = resolve_dtype(config.dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        y = x @ self.kernel[...].astype(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        if self.lora_a is not None:
+            a = self.lora_a[...].astype(self.dtype)
+            b = self.lora_b[...].astype(self.dtype)
+            y = y + (x @ a) @ b * jnp.asarray(self.lora_scale, self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, config: ModelConfig):
+        self.scale = nnx.Param(jnp.ones((dim,), resolve_dtype(config.param_dtype)))
+        self.eps = config.rms_norm_eps
+        self.dtype = resolve_dtype(config.dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.dtype) * normed.astype(self.dtype)
+
+
+class Embedding(nnx.Module):
+    def __init__(self, vocab_size: int, dim: int, *, config: ModelConfig, rngs: nnx.Rngs):
+        pdt = resolve_dtype(config.param_dtype)
+        self.embedding = nnx.Param(0.02 * jax.random.normal(rngs.params(), (vocab_size, dim), pdt))
+        self.dtype = resolve_dtype(config.dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+
+def rotary_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables [B, T, 1, head_dim] in float32 (Hugging Face's half-split layout)."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def segment_attention_mask(segment_ids: jax.Array) -> jax.Array:
+    """[B, T, T] bool: causal, within the same segment, never onto padding (segment 0)."""
+    t = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return causal[None] & same & (segment_ids[:, None, :] != 0)
+
+
+def cache_attention_mask(attention_mask: jax.Array, cache_index: jax.Array, num_queries: int) -> jax.Array:
+    """[B, T, S] bool for T new tokens written at cache slots cache_index..cache_index+T-1.
+
+    `attention_mask` [B, S] marks which cache slots hold real tokens (as in Hugging Face
+    generate, it covers past and new tokens).
+    """
+    s = attention_mask.shape[1]
+    q_slot = cache_index + jnp.arange(num_queries)
+    causal = jnp.arange(s)[None, :] <= q_slot[:, None]
+    return causal[None] & (attention_mask[:, None, :] != 0)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        h, hd = config.hidden_size, config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = hd
+        bias = config.attention_bias
+        self.q_proj = Linear(h, self.num_heads * hd, use_bias=bias, config=config, rngs=rngs)
+        self.k_proj = Linear(h, self.num_kv_heads * hd, use_bias=bias, config=config, rngs=rngs)
+        self.v_proj = Linear(h, self.num_kv_heads * hd, use_bias=bias, config=config, rngs=rngs)
+        # Qwen2 has q/k/v biases but none on o_proj; Llama's attention_bias covers all four.
+        o_bias = bias and config.model_type != "qwen2"
+        self.o_proj = Linear(self.num_heads * hd, h, use_bias=o_bias, config=config, rngs=rngs)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        cache: tuple[jax.Array, jax.Array] | None = None,
+        cache_index: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        b, t, _ = x.shape
+        q = apply_rotary(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        new_cache = None
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
+            new_cache = (k, v)
+        out = grouped_query_attention(q, k, v, mask)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new_cache
+
+
+def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention with query heads grouped over shared kv heads; softmax in float32.
+
+    q [B, T, H, D], k/v [B, S, K, D] with H a multiple of K, mask [B, T, S] -> [B, T, H, D].
+    """
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    q = q.reshape(b, t, kvh, h // kvh, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = scores * (d**-0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = Linear(h, i, use_bias=bias, config=config, rngs=rngs)
+        self.up_proj = Linear(h, i, use_bias=bias, config=config, rngs=rngs)
+        self.down_proj = Linear(i, h, use_bias=bias, config=config, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(config.hidden_size, config=config)
+        self.self_attn = Attention(config, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config=config)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+        attn, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, new_cache
+
+
+def _layer_no_cache(layer: DecoderLayer, x, cos, sin, mask):
+    return layer(x, cos, sin, mask)[0]
+
+
+_layer_remat = nnx.remat(_layer_no_cache)
+
+
+def default_positions(attention_mask: jax.Array) -> jax.Array:
+    """Position of each token among the real tokens of its row (pads get 0)."""
+    return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+class CausalLM(nnx.Module):
+    """Decoder backbone with a language-model head, or a scalar score head for reward models."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, config=config, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config=config)
+        h = config.hidden_size
+        self.score = (
+            Linear(h, config.num_labels, use_bias=False, config=config, rngs=rngs) if config.is_reward_model else None
+        )
+        untied = not config.is_reward_model and not config.tie_word_embeddings
+        self.lm_head = Linear(h, config.vocab_size, use_bias=False, config=config, rngs=rngs) if untied else None
+
+    # -- forward passes -------------------------------------------------------------------------
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final normed hidden states [B, T, H] (no cache)."""
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        if segment_ids is None:
+            segment_ids = attention_mask
+        elif positions is None:
+            raise ValueError("packed input (segment_ids) needs explicit per-segment positions")
+        if positions is None:
+            positions = default_positions(attention_mask)
+        mask = segment_attention_mask(segment_ids)
+        cos, sin = rotary_tables(positions, rope_inverse_frequencies(self.config))
+        x = self.embed_tokens(input_ids)
+        run = _layer_remat if self.config.remat else _layer_no_cache
+        for layer in self.layers:
+            x = run(layer, x, cos, sin, mask)
+        return self.norm(x)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits [B, T, V] (or scores [B, T, num_labels] for a reward model)."""
+        return self.logits_from_hidden(self.hidden_states(input_ids, attention_mask, positions, segment_ids))
+
+    def head_kernel(self) -> jax.Array:
+        """The output projection [H, V] (the transposed embedding when tied)."""
+        if self.score is not None:
+            return self.score.kernel[...]
+        if self.lm_head is not None:
+            return self.lm_head.kernel[...]
+        return self.embed_tokens.embedding[...].T
+
+    def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+        head = self.score if self.score is not None else self.lm_head
+        if head is not None:
+            return head(hidden)
+        dtype = resolve_dtype(self.config.dtype)
+        return hidden.astype(dtype) @ self.embed_tokens.embedding[...].T.astype(dtype)
+
+    def rewards(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """Reward-model scores [B, num_labels] read at each row's last real token."""
+        scores = self(input_ids, attention_mask)
+        t = attention_mask.shape[1]
+        last = jnp.argmax(jnp.where(attention_mask != 0, jnp.arange(t)[None, :], -1), axis=1)
+        return jnp.take_along_axis(scores, last[:, None, None], axis=1)[:, 0, :].astype(jnp.float32)
+
+    # -- incremental decoding -------------------------------------------------------------------
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+        c = self.config
+        dtype = resolve_dtype(dtype or c.dtype)
+        shape = (batch_size, max_length, c.num_key_value_heads, c.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(c.num_hidden_layers))
+        return KVCache(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in range(c.num_hidden_layers)))
+
+    def forward_with_cache(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array,
+        attention_mask: jax.Array,
+        cache: KVCache,
+        cache_index: jax.Array,
+    ) -> tuple[jax.Array, KVCache]:
+        """Run T new tokens written at cache slots cache_index.. and return (logits, cache).
+
+        attention_mask [B, S] covers every cache slot (past and new) and marks real tokens.
+        """
+        mask = cache_attention_mask(attention_mask, cache_index, input_ids.shape[1])
+        cos, sin = rotary_tables(positions, rope_inverse_frequencies(self.config))
+        x = self.embed_tokens(input_ids)
+        keys, values = [], []
+        for layer, k, v in zip(self.layers, cache.keys, cache.values):
+            x, (k, v) = layer(x, cos, sin, mask, (k, v), cache_index)
+            keys.append(k)
+            values.append(v)
+        return self.logits_from_hidden(self.norm(x)), KVCache(tuple(keys), tuple(values))
+
+
+def init_model(config: ModelConfig, seed: int = 0) -> CausalLM:
+    """A randomly initialized model (normal(0.02) weights, unit norms), as for tests and pretraining."""
+    return CausalLM(config, rngs=nnx.Rngs(params=seed))
