@@ -27,6 +27,7 @@ from safetensors.numpy import save_file
 from bpo_jax.io_utils import write_json
 from bpo_jax.models.config import ModelConfig, resolve_dtype
 from bpo_jax.models.llama import CausalLM, Linear
+from bpo_jax.models.lora import lora_delta
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -138,13 +139,13 @@ def export_tensors(model: CausalLM, dtype: str | None = None) -> dict[str, np.nd
     """Hugging Face-named host arrays of the model, LoRA adapters merged into their kernels."""
     out_dtype = None if dtype is None else np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
     tensors: dict[str, np.ndarray] = {}
-    lora_deltas: dict[tuple, np.ndarray] = {}
-    for path, module in nnx.iter_modules(model):
-        if isinstance(module, Linear) and module.lora_a is not None:
-            a = _to_host(module.lora_a[...]).astype(np.float32)
-            b = _to_host(module.lora_b[...]).astype(np.float32)
-            lora_deltas[tuple(path) + ("kernel",)] = (a @ b) * module.lora_scale
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    lora_deltas = {
+        tuple(path) + ("kernel",): _to_host(lora_delta(module))
+        for path, module in nnx.iter_modules(model)
+        if isinstance(module, Linear) and module.lora_a is not None
+    }
+    base_params = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))  # LoRAParam subclasses Param
+    for path, var in nnx.to_flat_state(nnx.state(model, base_params)):
         name, transpose = hf_tensor_name(path)
         array = _to_host(var[...])
         if tuple(path) in lora_deltas:

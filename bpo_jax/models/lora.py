@@ -1,0 +1,87 @@
+"""LoRA adapters on the model's projections (Hu et al. 2021; init and scaling as PEFT does).
+
+An adapter adds x A B * (alpha / rank) to a Linear's output. A is [in, rank] (uniform, like
+PEFT's Kaiming init), B is [rank, out] zeros, so a fresh adapter leaves the model unchanged.
+Adapters are `nnx.LoRAParam` variables: `nnx.split(model, nnx.LoRAParam, ...)` separates the
+trainable adapters from the frozen base, and zeroing them gives the base model back (the
+`lora_off` reference). Note for gradient features: with B = 0, dL/dA = 0, so per-sample
+gradients of a fresh adapter carry information only in B until a short warm-up moves B.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bpo_jax.models.config import resolve_dtype
+from bpo_jax.models.llama import CausalLM, Linear
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA settings: rank 0 means full fine-tuning."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS  # regexes searched in the module path, e.g. "self_attn/(q|v)_proj"
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
+def _targeted_linears(model: CausalLM, targets: tuple[str, ...]) -> list[tuple[str, Linear]]:
+    found = []
+    for path, module in nnx.iter_modules(model):
+        key = "/".join(str(p) for p in path)
+        if isinstance(module, Linear) and key not in ("lm_head", "score") and any(re.search(t, key) for t in targets):
+            found.append((key, module))
+    return found
+
+
+def add_lora(model: CausalLM, config: LoraConfig, seed: int = 0) -> CausalLM:
+    """Attach fresh adapters (in place) to every Linear whose path matches a target pattern."""
+    if not config.enabled:
+        return model
+    linears = _targeted_linears(model, tuple(config.targets))
+    if not linears:
+        raise ValueError(f"LoRA targets {list(config.targets)} match no projection of the model")
+    pdt = resolve_dtype(model.config.param_dtype)
+    key = jax.random.key(seed)
+    for i, (_, linear) in enumerate(linears):
+        fan_in, fan_out = linear.kernel.shape
+        bound = 1.0 / (fan_in**0.5)
+        a = jax.random.uniform(jax.random.fold_in(key, i), (fan_in, config.rank), pdt, -bound, bound)
+        linear.lora_a = nnx.LoRAParam(a)
+        linear.lora_b = nnx.LoRAParam(jnp.zeros((config.rank, fan_out), pdt))
+        linear.lora_scale = config.alpha / config.rank
+    return model
+
+
+def lora_delta(linear: Linear) -> jax.Array:
+    """The adapter's contribution to the kernel, A B * scale, in float32."""
+    a = linear.lora_a[...].astype(jnp.float32)
+    b = linear.lora_b[...].astype(jnp.float32)
+    return (a @ b) * linear.lora_scale
+
+
+def merge_lora(model: CausalLM) -> CausalLM:
+    """Fold every adapter into its kernel (in place) and remove it: a plain model again."""
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, Linear) and module.lora_a is not None:
+            delta = lora_delta(module)
+            module.kernel.value = (module.kernel[...].astype(jnp.float32) + delta).astype(module.kernel.dtype)
+            module.lora_a = None
+            module.lora_b = None
+            module.lora_scale = 0.0
+    return model
+
+
+def has_lora(model: CausalLM) -> bool:
+    return any(isinstance(m, Linear) and m.lora_a is not None for _, m in nnx.iter_modules(model))
