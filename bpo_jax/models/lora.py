@@ -10,31 +10,15 @@ gradients of a fresh adapter carry information only in B until a short warm-up m
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bpo_jax.config import LoraSection
 from bpo_jax.models.config import resolve_dtype
 from bpo_jax.models.llama import CausalLM, Linear
-
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraConfig:
-    """LoRA settings: rank 0 means full fine-tuning."""
-
-    rank: int = 0
-    alpha: float = 16.0
-    targets: tuple[str, ...] = DEFAULT_TARGETS  # regexes searched in the module path, e.g. "self_attn/(q|v)_proj"
-
-    @property
-    def enabled(self) -> bool:
-        return self.rank > 0
-
 
 def _targeted_linears(model: CausalLM, targets: tuple[str, ...]) -> list[tuple[str, Linear]]:
     found = []
@@ -45,9 +29,9 @@ def _targeted_linears(model: CausalLM, targets: tuple[str, ...]) -> list[tuple[s
     return found
 
 
-def add_lora(model: CausalLM, config: LoraConfig, seed: int = 0) -> CausalLM:
+def add_lora(model: CausalLM, config: LoraSection, seed: int = 0) -> CausalLM:
     """Attach fresh adapters (in place) to every Linear whose path matches a target pattern."""
-    if not config.enabled:
+    if config.rank <= 0:
         return model
     linears = _targeted_linears(model, tuple(config.targets))
     if not linears:
