@@ -1,0 +1,267 @@
+"""The DPO trainer: a pure-functional, sharded train step plus the loop around it.
+
+`train_step(state, batch) -> (state, metrics)` is one jitted function: the state (trainable
+params, optimizer state, step, RNG) is donated and keeps the shardings the partition rules give
+it, the batch arrives split over the mesh's data axes, and XLA inserts the collectives. The same
+code runs on one CPU (a 1x1x1 mesh), one GPU, and multi-host TPU/GPU meshes.
+
+Only the trainable part of the model is differentiated and updated: every `nnx.Param` for full
+fine-tuning, only the `nnx.LoRAParam` adapters when LoRA is on (the frozen base is an argument of
+the step, never copied). Reference log-probs come from one of four places (`reference`):
+  precomputed  stored with the batch (`ref_chosen_logps` / `ref_rejected_logps`): no reference forward
+  frozen_copy  a frozen copy of the initial trainable params (a full second copy without LoRA)
+  lora_off     the policy with its adapters zeroed: the base model, no second copy
+  none         reference-free losses (simpo)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Iterable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from bpo_jax.config import OptimSection, TrainSection
+from bpo_jax.losses import (
+    chunked_sequence_logps,
+    dpo_metrics,
+    loss_uses_mean_logps,
+    preference_loss,
+    sequence_logps,
+)
+from bpo_jax.models.llama import CausalLM
+from bpo_jax.models.lora import has_lora
+from bpo_jax.sharding import batch_sharding, replicated, state_shardings
+
+REFERENCE_MODES = ("precomputed", "frozen_copy", "lora_off", "none")
+METRIC_NAMES = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+class TrainState(NamedTuple):
+    """Everything a resumed run needs on device: a plain pytree, donated to each step."""
+
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: nnx.State  # trainable parameters only
+    opt_state: Any
+    rng: jax.Array  # raw uint32 PRNG key, split once per step
+
+
+def learning_rate_schedule(optim: OptimSection, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0, then cosine or linear decay to 0 (or constant) at `total_steps`."""
+    if optim.schedule not in ("cosine", "linear", "constant"):
+        raise ValueError(f"unknown schedule {optim.schedule!r}; expected cosine, linear or constant")
+    lr, warmup = optim.learning_rate, max(optim.warmup_steps, 0)
+    decay_steps = max(total_steps - warmup, 1)
+    if optim.schedule == "cosine":
+        after = optax.cosine_decay_schedule(lr, decay_steps)
+    elif optim.schedule == "linear":
+        after = optax.linear_schedule(lr, 0.0, decay_steps)
+    else:
+        after = optax.constant_schedule(lr)
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def make_optimizer(optim: OptimSection, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (decay on matrices only) behind global-norm clipping."""
+    schedule = learning_rate_schedule(optim, total_steps)
+    adamw = optax.adamw(
+        schedule,
+        b1=optim.b1,
+        b2=optim.b2,
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
+        mask=lambda params: jax.tree.map(lambda x: x.ndim >= 2, params),
+    )
+    if optim.max_grad_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(optim.max_grad_norm), adamw), schedule
+    return adamw, schedule
+
+
+def trainable_filter(model: CausalLM):
+    """LoRA adapters when the model has them, otherwise every parameter."""
+    return nnx.LoRAParam if has_lora(model) else nnx.Param
+
+
+def concatenated_logps(model: CausalLM, batch: dict[str, jax.Array], vocab_chunk: int = 0):
+    """Chosen and rejected through the model in one forward: ((sum_c, sum_r), (mean_c, mean_r))."""
+    ids = jnp.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]], axis=0)
+    attention = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]], axis=0)
+    loss_mask = jnp.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]], axis=0)
+    if vocab_chunk > 0:
+        hidden = model.hidden_states(ids, attention)
+        sums, means, _ = chunked_sequence_logps(hidden, model.head_kernel(), ids, loss_mask, vocab_chunk=vocab_chunk)
+    else:
+        sums, means, _ = sequence_logps(model(ids, attention), ids, loss_mask)
+    b = batch["chosen_input_ids"].shape[0]
+    return (sums[:b], sums[b:]), (means[:b], means[b:])
+
+
+def _split_micro(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
+    """[B, ...] -> [k, B/k, ...], interleaved so every micro-batch keeps the batch's sharding."""
+    def split(x):
+        return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+
+    return {name: split(x) for name, x in batch.items()}
+
+
+@dataclasses.dataclass
+class DPOTrainer:
+    """Holds the static parts of training (graph, frozen params, optimizer) and the jitted step."""
+
+    model: CausalLM
+    config: TrainSection
+    mesh: Mesh
+    total_steps: int
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        if cfg.reference not in REFERENCE_MODES:
+            raise ValueError(f"unknown reference {cfg.reference!r}; expected one of {REFERENCE_MODES}")
+        if cfg.reference == "lora_off" and not has_lora(self.model):
+            raise ValueError("reference 'lora_off' needs a LoRA model (lora.rank > 0)")
+        if cfg.reference == "none" and cfg.loss_type != "simpo":
+            raise ValueError(f"reference 'none' only suits reference-free losses (simpo), not {cfg.loss_type!r}")
+        if cfg.batch_size % cfg.grad_accum_steps:
+            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by grad_accum_steps {cfg.grad_accum_steps}")
+        self.graphdef, trainable, self.frozen = nnx.split(self.model, trainable_filter(self.model), ...)
+        self.tx, self.schedule = make_optimizer(cfg.optim, self.total_steps)
+        self._initial_trainable = trainable
+        # frozen_copy keeps its own copy of the initial trainable params (jnp.copy: new buffers).
+        self.reference_params = jax.tree.map(jnp.copy, trainable) if cfg.reference == "frozen_copy" else None
+        self._step = jax.jit(self._train_step_impl, donate_argnums=(0,))
+        self._ref = jax.jit(self._reference_logps_impl)
+
+    # -- state ----------------------------------------------------------------------------------
+    def init_state(self) -> TrainState:
+        params = self._initial_trainable
+        state = TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=self.tx.init(params),
+            rng=jax.random.PRNGKey(self.config.seed),
+        )
+        return jax.device_put(state, self.state_shardings(state))
+
+    def state_shardings(self, state: TrainState) -> TrainState:
+        shardings = state_shardings(state, self.mesh)
+        return shardings._replace(step=replicated(self.mesh), rng=replicated(self.mesh))
+
+    def model_at(self, state: TrainState) -> CausalLM:
+        """The policy with the state's trainable params (for sampling/eval/export)."""
+        return nnx.merge(self.graphdef, state.params, self.frozen)
+
+    # -- the step -------------------------------------------------------------------------------
+    def train_step(self, state: TrainState, batch: dict[str, Any]) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One optimizer step on a global batch (host arrays or already-sharded jax.Arrays)."""
+        batch = self._place(batch)
+        return self._step(state, self.frozen, self.reference_params, batch)
+
+    def reference_logps(self, batch: dict[str, Any]) -> tuple[jax.Array, jax.Array]:
+        """Summed reference log-probs (chosen, rejected) of a batch: what `precomputed` stores."""
+        batch = self._place(batch)
+        return self._ref(self._initial_trainable, self.frozen, batch)
+
+    def _place(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
+        """Split over the data axes (a no-op for arrays already placed so, e.g. multi-host input)."""
+        return {k: jax.device_put(v, batch_sharding(self.mesh, np.ndim(v))) for k, v in batch.items()}
+
+    def _reference_logps_impl(self, trainable, frozen, batch):
+        model = nnx.merge(self.graphdef, trainable, frozen)
+        (rc, rr), _ = concatenated_logps(model, batch, self.config.vocab_chunk)
+        return rc, rr
+
+    def _micro_loss(self, trainable, frozen, reference_params, batch, n_valid_total):
+        cfg = self.config
+        use_mean = loss_uses_mean_logps(cfg.loss_type)
+        model = nnx.merge(self.graphdef, trainable, frozen)
+        (pc, pr), (pc_mean, pr_mean) = concatenated_logps(model, batch, cfg.vocab_chunk)
+        n_chosen = jnp.maximum(batch["chosen_loss_mask"][:, 1:].sum(-1), 1)
+        n_rejected = jnp.maximum(batch["rejected_loss_mask"][:, 1:].sum(-1), 1)
+        if cfg.reference == "none":
+            rc = rr = None
+        else:
+            if cfg.reference == "precomputed":
+                rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+            else:
+                ref_trainable = (
+                    reference_params if cfg.reference == "frozen_copy" else jax.tree.map(jnp.zeros_like, trainable)
+                )
+                ref_model = nnx.merge(self.graphdef, jax.lax.stop_gradient(ref_trainable), frozen)
+                (rc, rr), _ = concatenated_logps(ref_model, batch, cfg.vocab_chunk)
+            rc, rr = jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
+            if use_mean:
+                rc, rr = rc / n_chosen, rr / n_rejected
+        losses, chosen_rewards, rejected_rewards = preference_loss(
+            pc_mean if use_mean else pc,
+            pr_mean if use_mean else pr,
+            rc,
+            rr,
+            loss_type=cfg.loss_type,
+            beta=cfg.beta,
+            label_smoothing=cfg.label_smoothing,
+            gamma=cfg.gamma,
+        )
+        valid = batch["valid"]
+        n_valid = valid.sum()
+        metrics = dpo_metrics(losses, chosen_rewards, rejected_rewards, pc, pr, valid)
+        # Sums over valid rows, so micro-batches add up to the full batch exactly.
+        metric_sums = {k: v * n_valid for k, v in metrics.items()}
+        return (losses * valid).sum() / n_valid_total, metric_sums
+
+    def _train_step_impl(self, state: TrainState, frozen, reference_params, batch):
+        k = self.config.grad_accum_steps
+        n_valid_total = jnp.maximum(batch["valid"].sum(), 1.0)
+        grad_fn = jax.grad(self._micro_loss, has_aux=True)
+        if k == 1:
+            grads, metric_sums = grad_fn(state.params, frozen, reference_params, batch, n_valid_total)
+        else:
+            def accumulate(carry, micro):
+                g, m = grad_fn(state.params, frozen, reference_params, micro, n_valid_total)
+                return jax.tree.map(jnp.add, carry, (g, m)), None
+
+            zeros = (
+                jax.tree.map(jnp.zeros_like, state.params),
+                {name: jnp.zeros((), jnp.float32) for name in METRIC_NAMES},
+            )
+            (grads, metric_sums), _ = jax.lax.scan(accumulate, zeros, _split_micro(batch, k))
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        rng, _ = jax.random.split(state.rng)
+        metrics = {name: v / n_valid_total for name, v in metric_sums.items()}
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["learning_rate"] = self.schedule(state.step)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+        return new_state, metrics
+
+
+def count_tokens(batch: dict[str, Any]) -> int:
+    """Real (attended) tokens in a DPO batch: the throughput numerator."""
+    return int(np.asarray(batch["chosen_attention_mask"]).sum() + np.asarray(batch["rejected_attention_mask"]).sum())
+
+
+def timed_steps(trainer: DPOTrainer, state: TrainState, batches: Iterable[dict]) -> Iterable[tuple[TrainState, dict]]:
+    """Run train steps over `batches`, adding step_time (s) and tokens_per_second to the metrics."""
+    for batch in batches:
+        start = time.perf_counter()
+        state, metrics = trainer.train_step(state, batch)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        elapsed = time.perf_counter() - start
+        metrics["step_time"] = elapsed
+        metrics["tokens_per_second"] = count_tokens(batch) / elapsed
+        yield state, metrics
