@@ -17,8 +17,10 @@ the step, never copied). Reference log-probs come from one of four places (`refe
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
-from typing import Any, Iterable, NamedTuple
+from pathlib import Path
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from bpo_jax.checkpointing import Checkpointer
 from bpo_jax.config import OptimSection, TrainSection
 from bpo_jax.losses import (
     chunked_sequence_logps,
@@ -35,6 +38,7 @@ from bpo_jax.losses import (
     preference_loss,
     sequence_logps,
 )
+from bpo_jax.metrics import MetricsLogger
 from bpo_jax.models.llama import CausalLM
 from bpo_jax.models.lora import has_lora
 from bpo_jax.sharding import batch_sharding, replicated, state_shardings
@@ -141,15 +145,18 @@ class DPOTrainer:
             raise ValueError(f"batch_size {cfg.batch_size} is not divisible by grad_accum_steps {cfg.grad_accum_steps}")
         self.graphdef, trainable, self.frozen = nnx.split(self.model, trainable_filter(self.model), ...)
         self.tx, self.schedule = make_optimizer(cfg.optim, self.total_steps)
-        self._initial_trainable = trainable
+        self._initial_trainable: nnx.State | None = trainable
         # frozen_copy keeps its own copy of the initial trainable params (jnp.copy: new buffers).
         self.reference_params = jax.tree.map(jnp.copy, trainable) if cfg.reference == "frozen_copy" else None
         self._step = jax.jit(self._train_step_impl, donate_argnums=(0,))
-        self._ref = jax.jit(self._reference_logps_impl)
 
     # -- state ----------------------------------------------------------------------------------
     def init_state(self) -> TrainState:
-        params = self._initial_trainable
+        """The step-0 state. The trainer owns the model's trainable arrays from here on: they are
+        donated to the first step (no second copy in memory), so use `model_at(state)` afterwards."""
+        if self._initial_trainable is None:
+            raise RuntimeError("init_state() was already called: its params belong to the first state")
+        params, self._initial_trainable = self._initial_trainable, None
         state = TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -172,19 +179,9 @@ class DPOTrainer:
         batch = self._place(batch)
         return self._step(state, self.frozen, self.reference_params, batch)
 
-    def reference_logps(self, batch: dict[str, Any]) -> tuple[jax.Array, jax.Array]:
-        """Summed reference log-probs (chosen, rejected) of a batch: what `precomputed` stores."""
-        batch = self._place(batch)
-        return self._ref(self._initial_trainable, self.frozen, batch)
-
     def _place(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
         """Split over the data axes (a no-op for arrays already placed so, e.g. multi-host input)."""
         return {k: jax.device_put(v, batch_sharding(self.mesh, np.ndim(v))) for k, v in batch.items()}
-
-    def _reference_logps_impl(self, trainable, frozen, batch):
-        model = nnx.merge(self.graphdef, trainable, frozen)
-        (rc, rr), _ = concatenated_logps(model, batch, self.config.vocab_chunk)
-        return rc, rr
 
     def _micro_loss(self, trainable, frozen, reference_params, batch, n_valid_total):
         cfg = self.config
@@ -265,3 +262,73 @@ def timed_steps(trainer: DPOTrainer, state: TrainState, batches: Iterable[dict])
         metrics["step_time"] = elapsed
         metrics["tokens_per_second"] = count_tokens(batch) / elapsed
         yield state, metrics
+
+
+def fit(
+    trainer: DPOTrainer,
+    batches: Iterator[dict],
+    *,
+    run_dir: str | Path,
+    num_steps: int,
+    checkpoint_every: int = 0,
+    keep_checkpoints: int = 2,
+) -> TrainState:
+    """Train for `num_steps` optimizer steps, resuming from run_dir/checkpoints if one exists.
+
+    `batches` yields global batches; if it has get_state()/set_state() (as PreferenceBatcher
+    does) its position is checkpointed with the train state, so a resumed run sees exactly the
+    batches the uninterrupted run would have.
+    """
+    run_dir = Path(run_dir)
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=keep_checkpoints)
+    state = trainer.init_state()
+    start = 0
+    if checkpointer.latest_step() is not None:
+        state, data_state = checkpointer.restore(state)
+        if hasattr(batches, "set_state"):
+            batches.set_state(data_state)
+        start = int(state.step)
+    logger = MetricsLogger(run_dir, start_step=start, total_steps=num_steps)
+    step = start
+    try:
+        for state, metrics in timed_steps(trainer, state, itertools.islice(batches, num_steps - start)):
+            step += 1
+            logger.log(step, metrics)
+            if step == num_steps or (checkpoint_every and step % checkpoint_every == 0):
+                data_state = batches.get_state() if hasattr(batches, "get_state") else {}
+                checkpointer.save(step, state, data_state)
+    finally:
+        checkpointer.close()
+        logger.close()
+    return state
+
+
+def precompute_reference_logps(
+    model: CausalLM, batches: Iterable[dict], mesh: Mesh, vocab_chunk: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Summed reference log-probs of every example: (example_index, chosen, rejected) arrays.
+
+    Run once over the dataset with the reference policy; the batches then carry
+    ref_chosen_logps / ref_rejected_logps and training (reference='precomputed') does no
+    reference forward at all.
+    """
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def logps(params, batch):
+        (chosen, rejected), _ = concatenated_logps(nnx.merge(graphdef, params), batch, vocab_chunk)
+        return chosen, rejected
+
+    indices, chosen, rejected = [], [], []
+    for batch in batches:
+        placed = {
+            k: jax.device_put(v, batch_sharding(mesh, np.ndim(v)))
+            for k, v in batch.items()
+            if k.endswith(("input_ids", "attention_mask", "loss_mask"))
+        }
+        c, r = jax.device_get(logps(params, placed))
+        keep = np.asarray(batch["valid"]) > 0
+        indices.append(np.asarray(batch["example_index"])[keep])
+        chosen.append(np.asarray(c)[keep])
+        rejected.append(np.asarray(r)[keep])
+    return np.concatenate(indices), np.concatenate(chosen), np.concatenate(rejected)
