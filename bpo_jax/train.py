@@ -44,15 +44,6 @@ from bpo_jax.models.lora import has_lora
 from bpo_jax.sharding import batch_sharding, replicated, state_shardings
 
 REFERENCE_MODES = ("precomputed", "frozen_copy", "lora_off", "none")
-METRIC_NAMES = (
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-)
 
 
 class TrainState(NamedTuple):
@@ -125,8 +116,13 @@ def _split_micro(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
 
 
 @dataclasses.dataclass
-class DPOTrainer:
-    """Holds the static parts of training (graph, frozen params, optimizer) and the jitted step."""
+class Trainer:
+    """Holds the static parts of training (graph, frozen params, optimizer) and the jitted step.
+
+    Subclasses define the objective in `_micro_loss(trainable, frozen, reference_params, batch,
+    n_valid_total) -> (loss, metric_sums)`: the loss already divided by the number of valid rows
+    of the whole batch and the metrics as sums over valid rows, so micro-batches add up exactly.
+    """
 
     model: CausalLM
     config: TrainSection
@@ -135,19 +131,12 @@ class DPOTrainer:
 
     def __post_init__(self) -> None:
         cfg = self.config
-        if cfg.reference not in REFERENCE_MODES:
-            raise ValueError(f"unknown reference {cfg.reference!r}; expected one of {REFERENCE_MODES}")
-        if cfg.reference == "lora_off" and not has_lora(self.model):
-            raise ValueError("reference 'lora_off' needs a LoRA model (lora.rank > 0)")
-        if cfg.reference == "none" and cfg.loss_type != "simpo":
-            raise ValueError(f"reference 'none' only suits reference-free losses (simpo), not {cfg.loss_type!r}")
         if cfg.batch_size % cfg.grad_accum_steps:
             raise ValueError(f"batch_size {cfg.batch_size} is not divisible by grad_accum_steps {cfg.grad_accum_steps}")
         self.graphdef, trainable, self.frozen = nnx.split(self.model, trainable_filter(self.model), ...)
         self.tx, self.schedule = make_optimizer(cfg.optim, self.total_steps)
         self._initial_trainable: nnx.State | None = trainable
-        # frozen_copy keeps its own copy of the initial trainable params (jnp.copy: new buffers).
-        self.reference_params = jax.tree.map(jnp.copy, trainable) if cfg.reference == "frozen_copy" else None
+        self.reference_params = None
         self._step = jax.jit(self._train_step_impl, donate_argnums=(0,))
 
     # -- state ----------------------------------------------------------------------------------
@@ -182,6 +171,57 @@ class DPOTrainer:
     def _place(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
         """Split over the data axes (a no-op for arrays already placed so, e.g. multi-host input)."""
         return {k: jax.device_put(v, batch_sharding(self.mesh, np.ndim(v))) for k, v in batch.items()}
+
+    def tokens_in(self, batch: dict[str, Any]) -> int:
+        """Real (attended) tokens the step processes: the throughput numerator."""
+        return int(np.asarray(batch["chosen_attention_mask"]).sum() + np.asarray(batch["rejected_attention_mask"]).sum())
+
+    def _micro_loss(self, trainable, frozen, reference_params, batch, n_valid_total):
+        raise NotImplementedError
+
+    def _train_step_impl(self, state: TrainState, frozen, reference_params, batch):
+        k = self.config.grad_accum_steps
+        n_valid_total = jnp.maximum(batch["valid"].sum(), 1.0)
+        grad_fn = jax.grad(self._micro_loss, has_aux=True)
+        if k == 1:
+            grads, metric_sums = grad_fn(state.params, frozen, reference_params, batch, n_valid_total)
+        else:
+            micro_batches = _split_micro(batch, k)
+
+            def accumulate(carry, micro):
+                g, m = grad_fn(state.params, frozen, reference_params, micro, n_valid_total)
+                return jax.tree.map(jnp.add, carry, (g, m)), None
+
+            first = jax.tree.map(lambda x: x[0], micro_batches)
+            shapes = jax.eval_shape(grad_fn, state.params, frozen, reference_params, first, n_valid_total)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            (grads, metric_sums), _ = jax.lax.scan(accumulate, zeros, micro_batches)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        rng, _ = jax.random.split(state.rng)
+        metrics = {name: v / n_valid_total for name, v in metric_sums.items()}
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["learning_rate"] = self.schedule(state.step)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+        return new_state, metrics
+
+
+@dataclasses.dataclass
+class DPOTrainer(Trainer):
+    """DPO-family preference optimization (see the module docstring for the reference modes)."""
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        if cfg.reference not in REFERENCE_MODES:
+            raise ValueError(f"unknown reference {cfg.reference!r}; expected one of {REFERENCE_MODES}")
+        if cfg.reference == "lora_off" and not has_lora(self.model):
+            raise ValueError("reference 'lora_off' needs a LoRA model (lora.rank > 0)")
+        if cfg.reference == "none" and cfg.loss_type != "simpo":
+            raise ValueError(f"reference 'none' only suits reference-free losses (simpo), not {cfg.loss_type!r}")
+        super().__post_init__()
+        if cfg.reference == "frozen_copy":
+            # Its own copy of the initial trainable params (jnp.copy: new buffers, never donated).
+            self.reference_params = jax.tree.map(jnp.copy, self._initial_trainable)
 
     def _micro_loss(self, trainable, frozen, reference_params, batch, n_valid_total):
         cfg = self.config
@@ -221,38 +261,28 @@ class DPOTrainer:
         metric_sums = {k: v * n_valid for k, v in metrics.items()}
         return (losses * valid).sum() / n_valid_total, metric_sums
 
-    def _train_step_impl(self, state: TrainState, frozen, reference_params, batch):
-        k = self.config.grad_accum_steps
-        n_valid_total = jnp.maximum(batch["valid"].sum(), 1.0)
-        grad_fn = jax.grad(self._micro_loss, has_aux=True)
-        if k == 1:
-            grads, metric_sums = grad_fn(state.params, frozen, reference_params, batch, n_valid_total)
-        else:
-            def accumulate(carry, micro):
-                g, m = grad_fn(state.params, frozen, reference_params, micro, n_valid_total)
-                return jax.tree.map(jnp.add, carry, (g, m)), None
 
-            zeros = (
-                jax.tree.map(jnp.zeros_like, state.params),
-                {name: jnp.zeros((), jnp.float32) for name in METRIC_NAMES},
-            )
-            (grads, metric_sums), _ = jax.lax.scan(accumulate, zeros, _split_micro(batch, k))
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        rng, _ = jax.random.split(state.rng)
-        metrics = {name: v / n_valid_total for name, v in metric_sums.items()}
-        metrics["grad_norm"] = optax.global_norm(grads)
-        metrics["learning_rate"] = self.schedule(state.step)
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
-        return new_state, metrics
+@dataclasses.dataclass
+class SFTTrainer(Trainer):
+    """Supervised fine-tuning: mean token cross-entropy on the chosen responses of a DPO batch.
+
+    Demonstrations travel in the DPO batch format (chosen = the demonstration) so SFT reuses the
+    tokenization, batching, sharding and checkpointing of preference training unchanged.
+    """
+
+    def tokens_in(self, batch: dict[str, Any]) -> int:
+        return int(np.asarray(batch["chosen_attention_mask"]).sum())
+
+    def _micro_loss(self, trainable, frozen, reference_params, batch, n_valid_total):
+        model = nnx.merge(self.graphdef, trainable, frozen)
+        ids, mask = batch["chosen_input_ids"], batch["chosen_loss_mask"]
+        _, mean_logps, _ = sequence_logps(model(ids, batch["chosen_attention_mask"]), ids, mask)
+        valid = batch["valid"]
+        nll = -(mean_logps * valid).sum()
+        return nll / n_valid_total, {"loss": jax.lax.stop_gradient(nll)}
 
 
-def count_tokens(batch: dict[str, Any]) -> int:
-    """Real (attended) tokens in a DPO batch: the throughput numerator."""
-    return int(np.asarray(batch["chosen_attention_mask"]).sum() + np.asarray(batch["rejected_attention_mask"]).sum())
-
-
-def timed_steps(trainer: DPOTrainer, state: TrainState, batches: Iterable[dict]) -> Iterable[tuple[TrainState, dict]]:
+def timed_steps(trainer: Trainer, state: TrainState, batches: Iterable[dict]) -> Iterable[tuple[TrainState, dict]]:
     """Run train steps over `batches`, adding step_time (s) and tokens_per_second to the metrics."""
     for batch in batches:
         start = time.perf_counter()
@@ -260,18 +290,19 @@ def timed_steps(trainer: DPOTrainer, state: TrainState, batches: Iterable[dict])
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         elapsed = time.perf_counter() - start
         metrics["step_time"] = elapsed
-        metrics["tokens_per_second"] = count_tokens(batch) / elapsed
+        metrics["tokens_per_second"] = trainer.tokens_in(batch) / elapsed
         yield state, metrics
 
 
 def fit(
-    trainer: DPOTrainer,
+    trainer: Trainer,
     batches: Iterator[dict],
     *,
     run_dir: str | Path,
     num_steps: int,
     checkpoint_every: int = 0,
     keep_checkpoints: int = 2,
+    name: str = "train",
 ) -> TrainState:
     """Train for `num_steps` optimizer steps, resuming from run_dir/checkpoints if one exists.
 
@@ -288,7 +319,7 @@ def fit(
         if hasattr(batches, "set_state"):
             batches.set_state(data_state)
         start = int(state.step)
-    logger = MetricsLogger(run_dir, start_step=start, total_steps=num_steps)
+    logger = MetricsLogger(run_dir, start_step=start, total_steps=num_steps, name=name)
     step = start
     try:
         for state, metrics in timed_steps(trainer, state, itertools.islice(batches, num_steps - start)):
