@@ -181,7 +181,7 @@ class ModelConfig:
                 raise ModelConfigError(f"{source}: field 'use_sliding_window' is true; sliding windows are not supported")
         else:
             attention_bias = bool(d.get("attention_bias", False))
-        rope_scaling = d.get("rope_scaling")
+        rope_theta, rope_scaling = rope_settings(d)
         if rope_scaling is not None:
             kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
             if kind not in ("llama3", "linear", "default"):
@@ -197,7 +197,7 @@ class ModelConfig:
             num_key_value_heads=d.get("num_key_value_heads") or heads,
             head_dim=head_dim,
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(d.get("rope_theta", 10000.0)),
+            rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
@@ -224,6 +224,19 @@ class ModelConfig:
         except json.JSONDecodeError as e:
             raise ModelConfigError(f"{path}: invalid JSON ({e})") from None
         return cls.from_hf_dict(d, source=str(path), **run_options)
+
+
+def rope_settings(d: dict[str, Any]) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from either config spelling: transformers < 5 writes top-level
+    `rope_theta` + `rope_scaling`; transformers >= 5 writes one `rope_parameters` dict holding both
+    (rope_type "default" meaning no scaling)."""
+    params = d.get("rope_parameters")
+    if params is None:
+        return float(d.get("rope_theta", 10000.0)), d.get("rope_scaling")
+    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    if scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        scaling = None
+    return float(params.get("rope_theta", d.get("rope_theta", 10000.0))), scaling
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> "jnp.ndarray":
