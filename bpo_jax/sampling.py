@@ -1,0 +1,385 @@
+"""On-policy sampling: n responses per prompt, decoded with a preallocated KV cache under one jit.
+
+Layout of a decode batch (rows = prompts x samples, padded up to a multiple of the data shards):
+cache slots [0, P) hold the prompts left-padded to a length bucket P, so every row's last prompt
+token sits at slot P-1 and generated token t of every row goes to slot P+t; the cache has
+P + max_new_tokens slots. Positions count real tokens only, so padding never shifts a row's
+rotary phases and a row decodes exactly as it would alone.
+
+Randomness: step t of sample j of the prompt with global index i draws from
+fold_in(fold_in(fold_in(key(seed), i), j), t). The global index is the prompt's row in the prompts
+file, so outputs do not depend on the batch size, the batch order, the mesh, or on resuming.
+
+The sampling distribution follows Hugging Face's warper order: logits / temperature, then top-k,
+then top-p (nucleus: the smallest set of most likely tokens whose probability reaches top_p,
+computed after top-k, always containing the top token), renormalized. temperature = 0 is greedy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from tqdm import tqdm
+
+from bpo_jax.data.batching import pad_and_stack
+from bpo_jax.data.readers import iter_records
+from bpo_jax.data.schema import DataError, PromptRecord
+from bpo_jax.data.tokenize import RaggedTokens, encode_prompts, render_prompt
+from bpo_jax.models.hf import _to_host as to_host
+from bpo_jax.models.llama import CausalLM, default_positions
+from bpo_jax.resumable import ResumableJsonl, check_unique_ids
+from bpo_jax.sharding import batch_sharding, make_mesh, state_shardings
+from bpo_jax.tokenizer import Tokenizer
+
+MIN_BUCKET = 16
+
+
+class SamplingConfigError(ValueError):
+    """An invalid sampling setting; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    n: int = 4  # responses per prompt
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0  # nucleus mass in (0, 1]; 1: off
+    top_k: int = 0  # keep the k most likely tokens; 0: off
+    max_new_tokens: int = 256
+    max_prompt_length: int = 0  # > 0: longer prompts keep their last tokens; 0: no limit
+    batch_size: int = 8  # prompts per decode batch (rows = batch_size * n, rounded up to the data shards)
+    seed: int = 0
+    stop_ids: tuple[int, ...] = ()  # stop tokens in addition to the model's (and tokenizer's) EOS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+        checks = {
+            "n": self.n >= 1,
+            "temperature": self.temperature >= 0,
+            "top_p": 0 < self.top_p <= 1,
+            "top_k": self.top_k >= 0,
+            "max_new_tokens": self.max_new_tokens >= 1,
+            "max_prompt_length": self.max_prompt_length >= 0,
+            "batch_size": self.batch_size >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise SamplingConfigError(f"sampling.{name}: invalid value {getattr(self, name)!r}")
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """tokens[i][j]: the j-th response to prompt i, ending with its stop token when finished[i, j]."""
+
+    tokens: list[list[list[int]]]
+    finished: np.ndarray  # bool [prompts, n]: ended with a stop token (not truncated)
+    num_tokens: np.ndarray  # int [prompts, n]: generated tokens, stop token included
+
+
+# -- the sampling distribution (pure) ------------------------------------------------------------
+def sampling_logprobs(logits: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """Log-probs [..., V] of the distribution tokens are drawn from; -inf marks excluded tokens.
+
+    Tokens tied with the last kept value are kept too (as Hugging Face's warpers do).
+    """
+    if temperature <= 0:
+        raise ValueError("temperature 0 is greedy decoding, not a distribution")
+    x = logits.astype(jnp.float32) / temperature
+    sorted_desc = None
+    if 0 < top_k < x.shape[-1]:
+        sorted_desc = jax.lax.top_k(x, top_k)[0]
+        x = jnp.where(x >= sorted_desc[..., -1:], x, -jnp.inf)
+    if top_p < 1.0:
+        if sorted_desc is None:
+            sorted_desc = -jnp.sort(-x, axis=-1)
+        probs = jnp.exp(sorted_desc - jax.nn.logsumexp(x, axis=-1, keepdims=True))
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        threshold = jnp.min(jnp.where(mass_before < top_p, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+        x = jnp.where(x >= threshold, x, -jnp.inf)
+    return jax.nn.log_softmax(x, axis=-1)
+
+
+def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """One token per row of logits [B, V] with its own key (keys [B]); argmax when temperature is 0."""
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logp = sampling_logprobs(logits, temperature, top_k, top_p)
+    return jax.vmap(jax.random.categorical)(keys, logp).astype(jnp.int32)
+
+
+# -- one jitted decode batch ---------------------------------------------------------------------
+class DecodeSpec(NamedTuple):
+    """Static settings of the compiled decode loop (one compilation per spec and batch shape)."""
+
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    stop_ids: tuple[int, ...]
+    pad_id: int = 0
+    return_logits: bool = False  # keep every step's logits [B, max_new_tokens, V] (tests, analysis)
+    cache_sharding: NamedSharding | None = None
+
+
+class DecodeOutput(NamedTuple):
+    tokens: jax.Array  # int32 [B, max_new_tokens], pad_id after a row's stop token
+    lengths: jax.Array  # int32 [B], stop token included
+    finished: jax.Array  # bool [B]
+    logits: jax.Array | None  # float32 [B, max_new_tokens, V] when spec.return_logits
+
+
+def _decode(graphdef, state, ids, mask, prompt_index, sample_index, valid, seed, spec: DecodeSpec) -> DecodeOutput:
+    model = nnx.merge(graphdef, state)
+    b, p = ids.shape
+    m = spec.max_new_tokens
+    cache = model.init_cache(b, p + m)
+    if spec.cache_sharding is not None:
+        cache = jax.lax.with_sharding_constraint(cache, spec.cache_sharding)
+    # Slots past the prompt are marked real from the start: causality already hides future slots,
+    # and rows that stopped produce outputs nobody reads.
+    cache_mask = jnp.concatenate([mask, jnp.ones((b, m), mask.dtype)], axis=1)
+    prompt_len = jnp.sum(mask, axis=1).astype(jnp.int32)
+    base = jax.random.key(seed)
+    row_keys = jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(base, i), j))(prompt_index, sample_index)
+    stop = jnp.asarray(spec.stop_ids or (-1,), jnp.int32)
+
+    def emit(t, step_logits, carry):
+        tokens, lengths, finished, done, logits_buf = carry
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, t)
+        tok = sample_tokens(step_logits, keys, spec.temperature, spec.top_k, spec.top_p)
+        tok = jnp.where(done, spec.pad_id, tok)
+        tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, t))
+        stopped = ~done & jnp.isin(tok, stop)
+        if logits_buf is not None:
+            logits_buf = jax.lax.dynamic_update_slice(logits_buf, step_logits[:, None].astype(jnp.float32), (0, t, 0))
+        return tok, (tokens, lengths + (~done).astype(jnp.int32), finished | stopped, done | stopped, logits_buf)
+
+    logits, cache = model.forward_with_cache(ids, default_positions(mask), cache_mask, cache, jnp.int32(0))
+    vocab = logits.shape[-1]
+    init = (
+        jnp.full((b, m), spec.pad_id, jnp.int32),
+        jnp.zeros((b,), jnp.int32),
+        jnp.zeros((b,), bool),
+        ~valid,
+        jnp.zeros((b, m, vocab), jnp.float32) if spec.return_logits else None,
+    )
+    tok, carry = emit(jnp.int32(0), logits[:, -1], init)
+
+    def cond(loop):
+        t, _, _, carry = loop
+        return (t < m) & ~jnp.all(carry[3])
+
+    def body(loop):
+        t, tok, cache, carry = loop
+        slot = p + t - 1  # where the previous token goes
+        step_logits, cache = model.forward_with_cache(tok[:, None], (prompt_len + t - 1)[:, None], cache_mask, cache, slot)
+        tok, carry = emit(t, step_logits[:, 0], carry)
+        return t + 1, tok, cache, carry
+
+    _, _, _, (tokens, lengths, finished, _, logits_buf) = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, cache, carry))
+    return DecodeOutput(tokens, lengths, finished, logits_buf)
+
+
+_decode_jit = jax.jit(_decode, static_argnames=("graphdef", "spec"))
+
+
+def decode_batch(
+    model: CausalLM,
+    ids: np.ndarray,
+    mask: np.ndarray,
+    prompt_index: np.ndarray,
+    sample_index: np.ndarray,
+    valid: np.ndarray,
+    seed: int,
+    spec: DecodeSpec,
+    mesh: Mesh,
+) -> DecodeOutput:
+    """Decode one left-padded batch (ids/mask int32 [B, P]) on `mesh`; results as host arrays.
+
+    Rows with valid = False are filler: they start finished and return no tokens.
+    """
+    graphdef, state = nnx.split(model)
+    state = params_on_mesh(state, mesh)
+    arrays = [(ids, np.int32), (mask, np.int32), (prompt_index, np.int32), (sample_index, np.int32), (valid, bool)]
+    placed = [to_global(np.asarray(a, dtype), batch_sharding(mesh, np.ndim(a))) for a, dtype in arrays]
+    out = _decode_jit(graphdef, state, *placed, np.uint32(seed), spec=spec)
+    return DecodeOutput(*(None if x is None else to_host(x) for x in out))
+
+
+def to_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host array that every process holds whole, placed as one global array on `sharding`."""
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def params_on_mesh(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """The model's parameters on `mesh`: as they are if already there, else per the partition rules."""
+    devices = set(mesh.devices.flat)
+    leaves = jax.tree.leaves(state)
+    if all(isinstance(x, jax.Array) and x.sharding.device_set == devices for x in leaves):
+        return state
+    return jax.device_put(state, state_shardings(state, mesh))
+
+
+# -- host-side batching --------------------------------------------------------------------------
+def bucket_length(length: int, minimum: int = MIN_BUCKET) -> int:
+    """The padded length for a batch whose longest sequence has `length` tokens: the next power of two."""
+    return max(minimum, 1 << max(int(length) - 1, 0).bit_length())
+
+
+def keep_last(seqs: RaggedTokens, max_length: int) -> RaggedTokens:
+    """Cut sequences longer than `max_length` (> 0) to their last `max_length` tokens."""
+    if max_length <= 0:
+        return seqs
+    cut = np.maximum(seqs.lengths - max_length, 0)
+    return RaggedTokens(seqs.flat, seqs.starts + cut, seqs.lengths - cut)
+
+
+def pad_tokens(seqs: RaggedTokens, length: int, side: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, attention_mask) int32 [n, length] with the padding (id 0) on `side` ('left' or 'right')."""
+    ids = pad_and_stack([seqs[i] for i in range(len(seqs))], length, 0)
+    cols = np.arange(length)[None, :]
+    if side == "right":
+        return ids, (cols < seqs.lengths[:, None]).astype(np.int32)
+    shift = (length - seqs.lengths)[:, None]
+    ids = np.take_along_axis(ids, (cols - shift) % length, axis=1)
+    return ids, (cols >= shift).astype(np.int32)
+
+
+def default_mesh() -> Mesh:
+    """The 1x1x1 mesh on the default device: the single-device run takes the same code path."""
+    return make_mesh((1, 1, 1), devices=jax.devices()[:1])
+
+
+def data_shards(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def generate(
+    model: CausalLM,
+    prompt_ids: Sequence[Sequence[int]] | RaggedTokens,
+    cfg: SamplingConfig,
+    mesh: Mesh | None = None,
+    *,
+    indices: Sequence[int] | np.ndarray | None = None,
+    progress: bool = True,
+) -> GenerationResult:
+    """cfg.n responses to each prompt (token ids, no padding).
+
+    `indices` are the prompts' global indices (default 0..N-1); they seed the random keys, so a
+    prompt gets the same responses whichever call or batch it is in. Stop tokens are cfg.stop_ids
+    plus the model config's EOS ids.
+    """
+    seqs = prompt_ids if isinstance(prompt_ids, RaggedTokens) else RaggedTokens.from_lists(prompt_ids)
+    num = len(seqs)
+    if num and seqs.lengths.min() == 0:
+        raise ValueError(f"prompt {int(np.argmin(seqs.lengths))} has no tokens")
+    seqs = keep_last(seqs, cfg.max_prompt_length)
+    indices = np.arange(num) if indices is None else np.asarray(indices, np.int64)
+    if indices.shape != (num,):
+        raise ValueError(f"indices has shape {indices.shape}, expected ({num},)")
+    mesh = mesh or default_mesh()
+    n, m = cfg.n, cfg.max_new_tokens
+    shards = data_shards(mesh)
+    rows = -(-cfg.batch_size * n // shards) * shards
+    spec = DecodeSpec(
+        max_new_tokens=m,
+        temperature=float(cfg.temperature),
+        top_k=int(cfg.top_k),
+        top_p=float(cfg.top_p),
+        stop_ids=tuple(sorted(set(cfg.stop_ids) | set(model.config.eos_token_ids))),
+        cache_sharding=batch_sharding(mesh, 4),
+    )
+    tokens = np.zeros((num, n, m), np.int32)
+    lengths = np.zeros((num, n), np.int64)
+    finished = np.zeros((num, n), bool)
+    order = np.argsort(-seqs.lengths, kind="stable")  # longest first: similar lengths share a batch
+    start_time, generated = time.perf_counter(), 0
+    bar = tqdm(total=num, desc="sampling", unit="prompt", disable=not progress or jax.process_index() != 0)
+    for start in range(0, num, cfg.batch_size):
+        sel = order[start : start + cfg.batch_size]
+        prompt_of_row = np.repeat(sel, n)
+        ids, mask = pad_tokens(seqs.take(prompt_of_row), bucket_length(seqs.lengths[sel].max()), "left")
+        filler = rows - len(prompt_of_row)
+        out = decode_batch(
+            model,
+            np.pad(ids, ((0, filler), (0, 0))),
+            np.pad(mask, ((0, filler), (0, 0))),
+            np.pad(indices[prompt_of_row], (0, filler)),
+            np.pad(np.tile(np.arange(n), len(sel)), (0, filler)),
+            np.arange(rows) < len(prompt_of_row),
+            cfg.seed,
+            spec,
+            mesh,
+        )
+        real = len(prompt_of_row)
+        tokens[sel] = out.tokens[:real].reshape(len(sel), n, m)
+        lengths[sel] = out.lengths[:real].reshape(len(sel), n)
+        finished[sel] = out.finished[:real].reshape(len(sel), n)
+        generated += int(out.lengths[:real].sum())
+        bar.update(len(sel))
+        bar.set_postfix(tok_per_s=f"{generated / (time.perf_counter() - start_time):.1f}")
+    bar.close()
+    token_lists = [[tokens[i, j, : lengths[i, j]].tolist() for j in range(n)] for i in range(num)]
+    return GenerationResult(token_lists, finished, lengths)
+
+
+# -- the pipeline stage --------------------------------------------------------------------------
+def sample_stage(
+    model: CausalLM,
+    tokenizer: Tokenizer,
+    prompts_path: str | Path,
+    out_path: str | Path,
+    cfg: SamplingConfig,
+    mesh: Mesh | None = None,
+    *,
+    chunk_size: int = 0,
+    progress: bool = True,
+) -> int:
+    """Sample cfg.n responses per prompt of a prompts file into a responses JSONL, resumably.
+
+    Prompts {id?, prompt}: a string is encoded with the tokenizer's special tokens, a conversation
+    is rendered with the chat template plus the generation prompt. Output records
+    {id, prompt, responses: [str], truncated: [bool]} are written chunk by chunk (`chunk_size`
+    prompts, default 4 decode batches); a rerun skips prompts already written. Returns the number
+    of prompts sampled by this call.
+    """
+    prompts_path = Path(prompts_path)
+    records: list[PromptRecord] = list(iter_records(prompts_path, "prompts"))
+    check_unique_ids([r.id for r in records], str(prompts_path))
+    cfg = dataclasses.replace(cfg, stop_ids=cfg.stop_ids + (tokenizer.eos_id,))
+    # Settings that shape the responses (the batch size does not: keys follow the prompt index).
+    settings = {"stage": "sample", **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "batch_size"}}
+    out = ResumableJsonl(out_path, settings)
+    done = out.done_ids()
+    pending = [i for i, r in enumerate(records) if r.id not in done]
+    chunk_size = chunk_size or 4 * cfg.batch_size
+    for start in range(0, len(pending), chunk_size):
+        chunk = pending[start : start + chunk_size]
+        texts = [render_prompt(records[i].prompt, tokenizer, records[i].id) for i in chunk]
+        ids = encode_prompts(texts, [isinstance(records[i].prompt, list) for i in chunk], tokenizer)
+        empty = np.flatnonzero(ids.lengths == 0)
+        if len(empty):
+            rec = records[chunk[empty[0]]]
+            raise DataError(f"{prompts_path} id={rec.id}", "prompt", "empty", "encodes to no tokens")
+        result = generate(model, ids, cfg, mesh, indices=chunk, progress=progress)
+        # The stop token ends a response; it is not part of its text.
+        kept = [seq[:-1] if fin else seq for seqs, fins in zip(result.tokens, result.finished) for seq, fin in zip(seqs, fins)]
+        texts_out = tokenizer.decode_batch(kept)
+        out.write_chunk(
+            {
+                "id": records[i].id,
+                "prompt": records[i].prompt,
+                "responses": texts_out[k * cfg.n : (k + 1) * cfg.n],
+                "truncated": (~result.finished[k]).tolist(),
+            }
+            for k, i in enumerate(chunk)
+        )
+    out.finalize()
+    return len(pending)

@@ -1,0 +1,288 @@
+"""On-policy sampling: the sampling distribution, KV-cache decoding, parity with transformers'
+greedy generate, seeding, sharding, and the resumable sample stage."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from bpo_jax import sampling
+from bpo_jax.models.config import ModelConfig
+from bpo_jax.models.hf import load_hf_model
+from bpo_jax.models.llama import init_model
+from bpo_jax.resumable import ResumeError
+from bpo_jax.sampling import (
+    DecodeSpec,
+    SamplingConfig,
+    SamplingConfigError,
+    decode_batch,
+    default_mesh,
+    generate,
+    pad_tokens,
+    sample_stage,
+    sample_tokens,
+    sampling_logprobs,
+)
+from bpo_jax.data.tokenize import RaggedTokens
+from bpo_jax.sharding import make_mesh, shard_model
+from bpo_jax.tokenizer import Tokenizer
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+HF = FIXTURES / "hf"
+
+
+@functools.cache
+def hf_model(name: str):
+    return load_hf_model(HF / name)
+
+
+@functools.cache
+def reference(name: str) -> dict[str, np.ndarray]:
+    with np.load(HF / name / "reference.npz") as f:
+        return dict(f)
+
+
+def fixture_prompts(name: str) -> list[list[int]]:
+    ref = reference(name)
+    return [row[m.astype(bool)].tolist() for row, m in zip(ref["greedy_prompt_ids"], ref["greedy_prompt_mask"])]
+
+
+# -- the sampling distribution ------------------------------------------------------------------
+def reference_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """Temperature, top-k, then top-p on the renormalized top-k distribution, written out by hand."""
+    x = logits.astype(np.float64) / temperature
+    order = np.argsort(-x)
+    kept = order[: top_k or len(x)]
+    p = np.exp(x[kept] - x[kept].max())
+    p /= p.sum()
+    if top_p < 1:
+        mass, n = 0.0, 0
+        while mass < top_p:  # the smallest prefix whose mass reaches top_p
+            mass += p[n]
+            n += 1
+        kept = kept[:n]
+    out = np.zeros_like(x)
+    out[kept] = np.exp(x[kept] - x[kept].max())
+    return out / out.sum()
+
+
+LOGITS = np.random.default_rng(0).normal(0, 2, 12).astype(np.float32)
+SETTINGS = [(1.0, 0, 1.0), (0.7, 0, 0.8), (1.5, 5, 1.0), (1.0, 6, 0.6), (2.0, 0, 0.3)]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", SETTINGS)
+def test_sampling_distribution_matches_hand_computed(temperature, top_k, top_p):
+    want = reference_probs(LOGITS, temperature, top_k, top_p)
+    got = np.exp(np.asarray(sampling_logprobs(jnp.asarray(LOGITS), temperature, top_k, top_p), np.float64))
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert 0 < (want > 0).sum() < len(LOGITS) or (top_k, top_p) == (0, 1.0)  # the filters did filter
+
+
+def test_top_p_always_keeps_the_top_token():
+    logits = jnp.asarray([0.0, 5.0, 1.0])  # top token holds ~97% > top_p
+    probs = np.exp(np.asarray(sampling_logprobs(logits, 1.0, 0, 0.01)))
+    np.testing.assert_allclose(probs, [0, 1, 0], atol=0)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", SETTINGS[1:4])
+def test_sample_frequencies_follow_the_distribution(temperature, top_k, top_p):
+    """20k draws: chi-square goodness of fit at p = 0.001 (fixed keys, so deterministic), no excluded token."""
+    draws = 20_000
+    keys = jax.random.split(jax.random.key(7), draws)
+    tokens = jax.jit(sample_tokens, static_argnums=(2, 3, 4))(
+        jnp.broadcast_to(LOGITS, (draws, len(LOGITS))), keys, temperature, top_k, top_p
+    )
+    counts = np.bincount(np.asarray(tokens), minlength=len(LOGITS))
+    probs = reference_probs(LOGITS, temperature, top_k, top_p)
+    assert counts[probs == 0].sum() == 0
+    kept = probs > 0
+    chi2 = (((counts - draws * probs) ** 2)[kept] / (draws * probs[kept])).sum()
+    assert chi2 < stats.chi2.ppf(0.999, kept.sum() - 1), (chi2, counts, probs)
+
+
+def test_greedy_is_argmax():
+    logits = jnp.asarray(np.random.default_rng(1).normal(size=(5, 12)), jnp.float32)
+    got = sample_tokens(logits, jax.random.split(jax.random.key(0), 5), 0.0)
+    np.testing.assert_array_equal(got, np.argmax(np.asarray(logits), axis=-1))
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(SamplingConfigError, match="sampling.top_p"):
+        SamplingConfig(top_p=0.0)
+    with pytest.raises(SamplingConfigError, match="sampling.n"):
+        SamplingConfig(n=0)
+
+
+# -- decoding ------------------------------------------------------------------------------------
+def test_kv_cache_decoding_equals_full_recomputation():
+    """Every step's logits equal a plain forward over the left-padded prefix; rows stop at a stop id."""
+    model = hf_model("llama_gqa")
+    prompts = RaggedTokens.from_lists([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15]])
+    ids, mask = pad_tokens(prompts, 8, "left")
+    m, stop = 10, tuple(range(3, 128, 6))  # a sixth of the vocabulary stops: some rows end early
+    spec = DecodeSpec(max_new_tokens=m, temperature=1.0, top_k=0, top_p=1.0, stop_ids=stop, return_logits=True)
+    valid = np.array([True, True, True])
+    out = decode_batch(model, ids, mask, np.arange(3), np.zeros(3), valid, 0, spec, default_mesh())
+
+    full_ids = np.concatenate([ids, out.tokens], axis=1)
+    full_mask = np.concatenate([mask, np.ones_like(out.tokens)], axis=1)
+    full = np.asarray(model(jnp.asarray(full_ids), jnp.asarray(full_mask)))
+    for row in range(3):
+        n = out.lengths[row]
+        np.testing.assert_allclose(out.logits[row, :n], full[row, 7 : 7 + n], atol=1e-4, rtol=0)
+        gen = out.tokens[row]
+        is_stop = np.isin(gen[:n], stop)
+        assert out.finished[row] == is_stop[-1] and not is_stop[:-1].any()
+        assert (gen[n:] == 0).all() and (n == m or out.finished[row])
+    assert out.finished.any() and out.lengths.max() > 1  # the stop path and the loop both ran
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen2_tied"])
+def test_greedy_matches_transformers(name):
+    """transformers' greedy tokens (left-padded batch, no early stop) up to and including our EOS stop."""
+    want = reference(name)["greedy_ids"]
+    model = hf_model(name)
+    result = generate(model, fixture_prompts(name), SamplingConfig(n=2, temperature=0, max_new_tokens=8, batch_size=2), progress=False)
+    eos = set(model.config.eos_token_ids)
+    for i, row in enumerate(want):
+        stops = [t for t, tok in enumerate(row) if tok in eos]
+        n = stops[0] + 1 if stops else len(row)
+        assert result.tokens[i] == [row[:n].tolist()] * 2
+        assert result.finished[i].tolist() == [bool(stops)] * 2 and result.num_tokens[i].tolist() == [n] * 2
+
+
+SAMPLED = SamplingConfig(n=2, temperature=1.0, top_p=0.9, top_k=40, max_new_tokens=6, batch_size=3, seed=3)
+PROMPTS = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15]]
+
+
+def test_same_seed_same_outputs_whatever_the_batching():
+    model = hf_model("llama_gqa")
+    first = generate(model, PROMPTS, SAMPLED, progress=False)
+    assert generate(model, PROMPTS, SAMPLED, progress=False).tokens == first.tokens
+    one_by_one = generate(model, PROMPTS, SamplingConfig(**{**SAMPLED.__dict__, "batch_size": 1}), progress=False)
+    assert one_by_one.tokens == first.tokens
+    # a subset keeps its results when called with the prompts' global indices (what resuming does)
+    subset = generate(model, [PROMPTS[3], PROMPTS[1]], SAMPLED, indices=[3, 1], progress=False)
+    assert subset.tokens == [first.tokens[3], first.tokens[1]]
+    # samples differ from each other and from another seed
+    assert any(a != b for a, b in first.tokens)
+    other = generate(model, PROMPTS, SamplingConfig(**{**SAMPLED.__dict__, "seed": 4}), progress=False)
+    assert other.tokens != first.tokens
+
+
+def test_sharded_greedy_equals_single_device():
+    assert jax.device_count() == 8
+    name = "qwen2_tied"
+    cfg = SamplingConfig(n=2, temperature=0, max_new_tokens=8, batch_size=2)
+    single = generate(hf_model(name), fixture_prompts(name), cfg, progress=False)
+    mesh = make_mesh((2, 2, 2))
+    sharded_model = shard_model(load_hf_model(HF / name), mesh)
+    assert len(sharded_model.embed_tokens.embedding[...].sharding.device_set) == 8
+    sharded = generate(sharded_model, fixture_prompts(name), cfg, mesh, progress=False)
+    assert sharded.tokens == single.tokens
+    np.testing.assert_array_equal(sharded.finished, single.finished)
+
+
+# -- the stage -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    """A random policy over the tiny word-level tokenizer's vocabulary."""
+    tok = Tokenizer.from_pretrained(FIXTURES / "data" / "tiny_tokenizer")
+    config = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, eos_token_id=tok.eos_id)
+    return init_model(config, seed=0), tok
+
+
+def write_prompts(path: Path, n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        words = " ".join(f"w{(i * 7 + j) % 100}" for j in range(1 + i % 4))
+        prompt = words if i % 2 else [{"role": "user", "content": words}]
+        rows.append({"id": f"p{i}", "prompt": prompt})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+STAGE_CFG = SamplingConfig(n=2, temperature=1.0, max_new_tokens=5, batch_size=2, seed=1)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_sample_stage_writes_decoded_responses(tiny, tmp_path):
+    model, tok = tiny
+    rows = write_prompts(tmp_path / "prompts.jsonl", 3)
+    assert sample_stage(model, tok, tmp_path / "prompts.jsonl", tmp_path / "out.jsonl", STAGE_CFG, progress=False) == 3
+    out = read_jsonl(tmp_path / "out.jsonl")
+    assert [r["id"] for r in out] == ["p0", "p1", "p2"] and [r["prompt"] for r in out] == [r["prompt"] for r in rows]
+    # the texts are exactly the sampled tokens (stop token dropped): compare with generate itself
+    prompts = [tok.encode(tok.apply_chat_template(r["prompt"], add_generation_prompt=True), add_special_tokens=False)
+               if isinstance(r["prompt"], list) else tok.encode(r["prompt"]) for r in rows]
+    want = generate(model, prompts, STAGE_CFG, progress=False)
+    for rec, seqs, fins in zip(out, want.tokens, want.finished):
+        assert rec["responses"] == [tok.decode(s[:-1] if f else s) for s, f in zip(seqs, fins)]
+        assert rec["truncated"] == [not f for f in fins]
+    assert not (tmp_path / ".out.jsonl.parts").exists()
+
+
+def test_sample_stage_resumes_without_duplicates(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+    write_prompts(tmp_path / "prompts.jsonl", 7)
+    run = functools.partial(sample_stage, model, tok, tmp_path / "prompts.jsonl", cfg=STAGE_CFG, chunk_size=3, progress=False)
+    run(out_path=tmp_path / "whole.jsonl")
+
+    calls = []
+    real_generate = sampling.generate
+
+    def crash_on_second_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "generate", crash_on_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        run(out_path=tmp_path / "resumed.jsonl")
+    assert not (tmp_path / "resumed.jsonl").exists()
+    assert len(list((tmp_path / ".resumed.jsonl.parts").glob("*.jsonl"))) == 1  # the first chunk, whole
+    monkeypatch.setattr(sampling, "generate", real_generate)
+
+    assert run(out_path=tmp_path / "resumed.jsonl") == 4  # only the prompts not done yet
+    assert read_jsonl(tmp_path / "resumed.jsonl") == read_jsonl(tmp_path / "whole.jsonl")
+    assert run(out_path=tmp_path / "resumed.jsonl") == 0  # finished: nothing left to do
+    assert len(read_jsonl(tmp_path / "resumed.jsonl")) == 7
+
+
+def test_sample_stage_refuses_to_mix_settings(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+    write_prompts(tmp_path / "prompts.jsonl", 4)
+    real_generate = sampling.generate
+    calls = []
+
+    def crash_on_second_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "generate", crash_on_second_chunk)
+    with pytest.raises(RuntimeError):
+        sample_stage(model, tok, tmp_path / "prompts.jsonl", tmp_path / "out.jsonl", STAGE_CFG, chunk_size=2, progress=False)
+    hotter = SamplingConfig(**{**STAGE_CFG.__dict__, "temperature": 2.0})
+    with pytest.raises(ResumeError, match=r"temperature: 1.0 -> 2.0"):
+        sample_stage(model, tok, tmp_path / "prompts.jsonl", tmp_path / "out.jsonl", hotter, chunk_size=2, progress=False)
+
+
+def test_duplicate_prompt_ids_are_refused(tiny, tmp_path):
+    model, tok = tiny
+    (tmp_path / "p.jsonl").write_text('{"id": "a", "prompt": "w1"}\n{"id": "a", "prompt": "w2"}\n')
+    with pytest.raises(ResumeError, match=r"p.jsonl: record 2: field 'id': duplicate id 'a'"):
+        sample_stage(model, tok, tmp_path / "p.jsonl", tmp_path / "o.jsonl", STAGE_CFG, progress=False)
