@@ -57,6 +57,7 @@ class SamplingConfig:
     batch_size: int = 8  # prompts per decode batch (rows = batch_size * n, rounded up to the data shards)
     seed: int = 0
     stop_ids: tuple[int, ...] = ()  # stop tokens in addition to the model's (and tokenizer's) EOS
+    min_new_tokens: int = 0  # stop tokens are excluded before this many tokens (1: no empty responses)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
@@ -66,6 +67,7 @@ class SamplingConfig:
             "top_p": 0 < self.top_p <= 1,
             "top_k": self.top_k >= 0,
             "max_new_tokens": self.max_new_tokens >= 1,
+            "min_new_tokens": 0 <= self.min_new_tokens <= self.max_new_tokens,
             "max_prompt_length": self.max_prompt_length >= 0,
             "batch_size": self.batch_size >= 1,
         }
@@ -123,6 +125,7 @@ class DecodeSpec(NamedTuple):
     top_k: int
     top_p: float
     stop_ids: tuple[int, ...]
+    min_new_tokens: int = 0
     pad_id: int = 0
     return_logits: bool = False  # keep every step's logits [B, max_new_tokens, V] (tests, analysis)
     cache_sharding: NamedSharding | None = None
@@ -153,7 +156,8 @@ def _decode(graphdef, state, ids, mask, prompt_index, sample_index, valid, seed,
     def emit(t, step_logits, carry):
         tokens, lengths, finished, done, logits_buf = carry
         keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, t)
-        tok = sample_tokens(step_logits, keys, spec.temperature, spec.top_k, spec.top_p)
+        allowed = jnp.where(t < spec.min_new_tokens, jnp.where(stops_vocab, -jnp.inf, step_logits), step_logits)
+        tok = sample_tokens(allowed, keys, spec.temperature, spec.top_k, spec.top_p)
         tok = jnp.where(done, spec.pad_id, tok)
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, t))
         stopped = ~done & jnp.isin(tok, stop)
@@ -163,6 +167,7 @@ def _decode(graphdef, state, ids, mask, prompt_index, sample_index, valid, seed,
 
     logits, cache = model.forward_with_cache(ids, default_positions(mask), cache_mask, cache, jnp.int32(0))
     vocab = logits.shape[-1]
+    stops_vocab = jnp.isin(jnp.arange(vocab), stop)
     init = (
         jnp.full((b, m), spec.pad_id, jnp.int32),
         jnp.zeros((b,), jnp.int32),
@@ -294,6 +299,7 @@ def generate(
         top_k=int(cfg.top_k),
         top_p=float(cfg.top_p),
         stop_ids=tuple(sorted(set(cfg.stop_ids) | set(model.config.eos_token_ids))),
+        min_new_tokens=int(cfg.min_new_tokens),
         cache_sharding=batch_sharding(mesh, 4),
     )
     tokens = np.zeros((num, n, m), np.int32)

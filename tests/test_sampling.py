@@ -3,6 +3,7 @@ greedy generate, seeding, sharding, and the resumable sample stage."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -286,3 +287,20 @@ def test_duplicate_prompt_ids_are_refused(tiny, tmp_path):
     (tmp_path / "p.jsonl").write_text('{"id": "a", "prompt": "w1"}\n{"id": "a", "prompt": "w2"}\n')
     with pytest.raises(ResumeError, match=r"p.jsonl: record 2: field 'id': duplicate id 'a'"):
         sample_stage(model, tok, tmp_path / "p.jsonl", tmp_path / "o.jsonl", STAGE_CFG, progress=False)
+
+
+def test_min_new_tokens_excludes_stop_ids_until_reached():
+    """With most of the vocabulary stopping, no row ends before min_new_tokens, and rows do end after."""
+    model = hf_model("llama_gqa")
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    stop = tuple(range(3, 128, 2))  # half the vocabulary
+    base = SamplingConfig(n=8, temperature=1.0, max_new_tokens=6, batch_size=3, stop_ids=stop)
+    free = generate(model, prompts, base, progress=False)
+    held = generate(model, prompts, dataclasses.replace(base, min_new_tokens=3), progress=False)
+    assert (free.num_tokens < 3).any()  # without the floor, short responses happen at this stop density
+    assert (held.num_tokens >= 3).all() and held.finished.any()
+    for responses in held.tokens:
+        for seq in responses:
+            assert not set(seq[:2]) & set(stop)
+    with pytest.raises(SamplingConfigError, match="min_new_tokens"):
+        SamplingConfig(max_new_tokens=4, min_new_tokens=5)
