@@ -30,6 +30,8 @@ import jinja2.ext
 import jinja2.sandbox
 import tokenizers
 
+from bpo_jax.io_utils import atomic_open, write_json
+
 _SPECIAL_FIELDS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
@@ -113,6 +115,17 @@ class Tokenizer:
     ) -> "Tokenizer":
         """Wrap an in-memory `tokenizers.Tokenizer` (tests, programmatic construction)."""
         return cls(tok, bos_token=bos, eos_token=eos, pad_token=pad, chat_template=chat_template)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write tokenizer.json + tokenizer_config.json, the layout `from_pretrained` (and
+        transformers' AutoTokenizer) read: e.g. for a tokenizer rebuilt from a GGUF file."""
+        directory = Path(directory)
+        with atomic_open(directory / "tokenizer.json") as f:
+            f.write(self._tok.to_str(pretty=True))
+        config = {name: getattr(self, name) for name in _SPECIAL_FIELDS}
+        config.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=self.chat_template)
+        write_json(directory / "tokenizer_config.json", config)
+        return directory
 
     @property
     def backend(self) -> tokenizers.Tokenizer:

@@ -9,12 +9,13 @@ load a trained policy as they would the original.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -78,52 +79,70 @@ def load_hf_model(
     """
     directory = Path(directory)
     config = ModelConfig.from_file(directory, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    tensor_files = _open_checkpoint(directory)
+    with contextlib.ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+
+        def read(name: str) -> np.ndarray:
+            file = tensor_files[name]
+            if file not in handles:
+                handles[file] = stack.enter_context(safe_open(file, framework="np"))
+            return handles[file].get_tensor(name)
+
+        return load_params(config, {n: str(f) for n, f in tensor_files.items()}, read, source=str(directory), shardings=shardings)
+
+
+def load_params(
+    config: ModelConfig,
+    tensors: Mapping[str, str],
+    read: Callable[[str], np.ndarray],
+    *,
+    source: str,
+    shardings: Callable[[tuple, tuple], jax.sharding.Sharding] | None = None,
+) -> CausalLM:
+    """Build `config`'s model from Hugging Face-named tensors, whatever file format holds them.
+
+    `tensors` maps each available name to where it lives (named in errors); `read(name)` returns
+    it in Hugging Face layout ([out, in] kernels). Missing, unexpected or misshapen tensors are
+    errors. The model is built abstractly, so no random weights are ever materialized.
+    """
     abstract = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    tensor_files = _open_checkpoint(directory)
-    pdt = resolve_dtype(param_dtype)
+    pdt = resolve_dtype(config.param_dtype)
 
     expected = {}
     for path, var in nnx.to_flat_state(state):
         name, transpose = hf_tensor_name(path)
         expected[name] = (path, var, transpose)
-    missing = sorted(set(expected) - set(tensor_files))
+    missing = sorted(set(expected) - set(tensors))
     if missing:
         shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
-        raise CheckpointError(f"{directory}: missing tensor(s) {shown} for {config.architecture}")
+        raise CheckpointError(f"{source}: missing tensor(s) {shown} for {config.architecture}")
     unexpected = [
         n
-        for n in tensor_files
+        for n in tensors
         if n not in expected
         and not n.endswith(_IGNORED_SUFFIXES)
         and not (n == "lm_head.weight" and config.tie_word_embeddings)
     ]
     if unexpected:
         raise CheckpointError(
-            f"{tensor_files[unexpected[0]]}: unexpected tensor {unexpected[0]!r} for {config.architecture}"
+            f"{tensors[unexpected[0]]}: unexpected tensor {unexpected[0]!r} for {config.architecture}"
             f" ({len(unexpected)} unexpected in all)"
         )
 
-    handles: dict[Path, Any] = {}
-    try:
-        for name, (path, var, transpose) in expected.items():
-            file = tensor_files[name]
-            if file not in handles:
-                handles[file] = safe_open(file, framework="np")
-            array = handles[file].get_tensor(name)
-            if transpose:
-                array = array.T
-            if array.shape != tuple(var.shape):
-                want = tuple(reversed(var.shape)) if transpose else tuple(var.shape)
-                got = tuple(reversed(array.shape)) if transpose else array.shape
-                raise CheckpointError(f"{file}: tensor {name!r} has shape {got}, expected {want}")
-            value = jnp.asarray(np.ascontiguousarray(array), dtype=pdt)
-            if shardings is not None:
-                value = jax.device_put(value, shardings(path, value.shape))
-            var.value = value
-    finally:
-        for h in handles.values():
-            h.__exit__(None, None, None)
+    for name, (path, var, transpose) in expected.items():
+        array = read(name)
+        if transpose:
+            array = array.T
+        if array.shape != tuple(var.shape):
+            want = tuple(reversed(var.shape)) if transpose else tuple(var.shape)
+            got = tuple(reversed(array.shape)) if transpose else array.shape
+            raise CheckpointError(f"{tensors[name]}: tensor {name!r} has shape {got}, expected {want}")
+        value = jnp.asarray(np.ascontiguousarray(array), dtype=pdt)
+        if shardings is not None:
+            value = jax.device_put(value, shardings(path, value.shape))
+        var.value = value
     return nnx.merge(graphdef, state)
 
 
