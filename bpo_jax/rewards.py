@@ -48,7 +48,7 @@ from bpo_jax.sampling import (
 from bpo_jax.sharding import batch_sharding, param_sharding
 from bpo_jax.tokenizer import Tokenizer
 
-REWARD_KINDS = ("model", "rule", "precomputed")
+REWARD_KINDS = ("model", "rule", "precomputed", "gym")
 
 
 class RewardError(ValueError):
@@ -57,9 +57,11 @@ class RewardError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
-    kind: str = "model"  # model | rule | precomputed (rewards already in the input file)
+    kind: str = "model"  # model | rule | precomputed (rewards already in the input file) | gym
     model_path: str | None = None  # reward model directory (ForSequenceClassification + tokenizer files)
     rule: str | None = None  # "module:function" for kind = rule
+    gym_task: str | None = None  # reasoning-gym task name for kind = gym (see bpo_jax.gym_reward)
+    gym_config: dict | None = None  # its reasoning_gym.create_dataset options (size, seed, ...)
     batch_size: int = 16  # sequences per reward-model batch / responses per rule call
     max_length: int = 0  # > 0: reward-model inputs keep their last max_length tokens
     dtype: str = "float32"  # reward-model compute dtype
@@ -71,6 +73,8 @@ class RewardConfig:
             raise RewardError("rewards.model_path: required when rewards.kind is 'model'")
         if self.kind == "rule" and not self.rule:
             raise RewardError("rewards.rule: required when rewards.kind is 'rule' (a 'module:function')")
+        if self.kind == "gym" and not self.gym_task:
+            raise RewardError("rewards.gym_task: required when rewards.kind is 'gym' (a reasoning-gym task name)")
         if self.batch_size < 1:
             raise RewardError(f"rewards.batch_size: must be >= 1, got {self.batch_size}")
 
@@ -225,6 +229,10 @@ def build_scorer(cfg: RewardConfig, mesh: Mesh | None = None) -> RewardScorer | 
         return None
     if cfg.kind == "rule":
         return rule_scorer(cfg.rule, cfg.batch_size)
+    if cfg.kind == "gym":
+        from bpo_jax.gym_reward import gym_scorer  # imports this module; reasoning-gym is optional
+
+        return gym_scorer(cfg.gym_task, cfg.gym_config, cfg.batch_size)
     shardings = param_sharding(mesh) if mesh is not None else None
     model = load_hf_model(cfg.model_path, dtype=cfg.dtype, shardings=shardings)
     tokenizer = Tokenizer.from_pretrained(cfg.model_path)
