@@ -112,6 +112,7 @@ class SampleSection:
     top_p: float = 1.0  # nucleus sampling mass in (0, 1]; 1: off
     top_k: int = 0  # keep the k most likely tokens; 0: off
     max_new_tokens: int = 64  # response length limit (responses that hit it count as truncated)
+    min_new_tokens: int = 1  # EOS is excluded before this many tokens (1: no empty responses)
     batch_size: int = 16  # prompts per sampling batch
     seed: int = 0  # sampling PRNG seed
 
@@ -185,6 +186,7 @@ class TrainSection:
     num_epochs: int = 1  # passes over the pairs
     max_steps: int = 0  # 0: num_epochs over the data
     vocab_chunk: int = 0  # >0: log-probs over vocabulary chunks of this size (lean memory)
+    packing: bool = False  # pack several pairs per row with segment ids: same loss, no compute on padding
     optim: OptimSection = field(default_factory=OptimSection)  # optimizer
     checkpoint_every: int = 0  # steps; 0: only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
@@ -198,6 +200,7 @@ class EvalSection:
     n: int = 1  # responses per prompt
     temperature: float = 0.0  # 0: greedy
     max_new_tokens: int = 64  # response length limit
+    min_new_tokens: int = 1  # EOS is excluded before this many tokens (1: no empty responses)
     batch_size: int = 16  # prompts per batch
 
 
@@ -571,6 +574,8 @@ def _check_contradictions(config: RunConfig) -> None:
            "'lora_off' uses the model without its adapters as reference: it needs lora.rank > 0")
     _check(t.reference != "none" or t.loss_type == "simpo", "train.reference",
            f"'none' only suits the reference-free loss simpo, not loss_type {t.loss_type!r}")
+    _check(not t.packing or (config.distributed.num_processes or 1) == 1, "train.packing",
+           "packs each host's rows on its own; multi-host runs (distributed.num_processes > 1) are not supported yet")
     _check(t.label_smoothing == 0 or t.loss_type in _LOSSES_WITH_LABEL_SMOOTHING, "train.label_smoothing",
            f"is used only by {', '.join(_LOSSES_WITH_LABEL_SMOOTHING)}, not loss_type {t.loss_type!r}")
     _check(t.gamma == 0 or t.loss_type == "simpo", "train.gamma", f"is used only by simpo, not loss_type {t.loss_type!r}")

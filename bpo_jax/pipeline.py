@@ -1,0 +1,387 @@
+"""The stages of a run, wired together through files in the run directory.
+
+    prompts ──(breadth compression)──▶ selected_prompts.jsonl ──sample──▶ responses.jsonl
+      ──score──▶ scored.jsonl ──pairs──▶ pairs/pairs.jsonl ──bpo──▶ train_pairs.jsonl
+      ──train──▶ train/ (checkpoints, metrics) + policy/ (HF layout) ──eval──▶ eval/eval.json
+
+Every stage writes its final output atomically and last, so "output exists" means "stage done":
+a rerun skips finished stages, and the interrupted one resumes (sample/score append finished
+chunks; sft/train restore their orbax checkpoint). A user may enter at any arrow by setting
+data.scored (skip sample/score) or data.pairs (skip everything before train).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+
+from bpo_jax import evaluate
+from bpo_jax.config import RunConfig, TrainSection, OptimSection, save_config
+from bpo_jax.data.batching import PreferenceBatcher
+from bpo_jax.data.readers import raw_rows, read_records
+from bpo_jax.data.schema import DataError, parse_record
+from bpo_jax.data.stats import write_stats
+from bpo_jax.data.tokenize import TokenizedPairs, tokenize_pairs
+from bpo_jax.io_utils import atomic_open, write_json, write_jsonl
+from bpo_jax.models.config import ModelConfig
+from bpo_jax.models.hf import load_hf_model, save_hf_model
+from bpo_jax.models.llama import CausalLM, init_model
+from bpo_jax.models.lora import add_lora
+from bpo_jax.pairs import run_pairs_stage
+from bpo_jax.rewards import RewardConfig, RewardScorer, build_scorer, read_groups, score_stage
+from bpo_jax.sampling import SamplingConfig, sample_stage
+from bpo_jax.sharding import make_mesh, param_sharding, shard_model
+from bpo_jax.tokenizer import Tokenizer
+from bpo_jax.train import DPOTrainer, SFTTrainer, fit, precompute_reference_logps
+
+STAGES = ("stats", "sft", "sample", "score", "pairs", "bpo", "train", "eval")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+class Run:
+    """One run directory: its paths, and the tokenizer, mesh and models its stages share."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.root = Path(config.run_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # -- files ----------------------------------------------------------------------------------
+    sft_model = property(lambda self: self.root / "sft_model")
+    selected_prompts = property(lambda self: self.root / "selected_prompts.jsonl")
+    responses = property(lambda self: self.root / "responses.jsonl")
+    pairs_dir = property(lambda self: self.root / "pairs")
+    train_pairs = property(lambda self: self.root / "train_pairs.jsonl")
+    policy = property(lambda self: self.root / "policy")
+    eval_dir = property(lambda self: self.root / "eval")
+
+    @property
+    def scored(self) -> Path:
+        return Path(self.config.data.scored) if self.config.data.scored else self.root / "scored.jsonl"
+
+    @property
+    def pairs(self) -> Path:
+        return self.pairs_dir / "pairs.jsonl"
+
+    @property
+    def preference_data(self) -> Path:
+        """What train reads: user pairs, else BPO-allocated pairs, else sweet-spot pairs."""
+        if self.config.data.pairs:
+            return Path(self.config.data.pairs)
+        return self.train_pairs if self.train_pairs.exists() else self.pairs
+
+    # -- shared objects -------------------------------------------------------------------------
+    @cached_property
+    def tokenizer_dir(self) -> Path:
+        m = self.config.model
+        return Path(m.tokenizer or m.path)
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.from_pretrained(self.tokenizer_dir)
+
+    @cached_property
+    def mesh(self):
+        m = self.config.mesh
+        return make_mesh((m.data, m.fsdp, m.tensor))
+
+    def load_model(self, directory: Path | None = None) -> CausalLM:
+        """A model from an HF directory (default: the configured base), or the configured random init."""
+        m = self.config.model
+        if directory is None and m.init is not None:
+            config = ModelConfig.from_hf_dict(dict(m.init), source="model.init", dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+            return shard_model(init_model(config, seed=self.config.seed), self.mesh)
+        directory = directory or Path(m.path)
+        return load_hf_model(
+            directory, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, shardings=param_sharding(self.mesh)
+        )
+
+    @property
+    def reference_dir(self) -> Path | None:
+        """The policy's starting point: the SFT model when there is one, else the base model."""
+        if self.config.sft.enabled:
+            return self.sft_model
+        return Path(self.config.model.path) if self.config.model.path else None
+
+    def save_model(self, model: CausalLM, directory: Path) -> None:
+        extras = {name: self.tokenizer_dir / name for name in TOKENIZER_FILES if (self.tokenizer_dir / name).exists()}
+        save_hf_model(model, directory, extra_files=extras)
+
+    def tokenize(self, pairs: list) -> TokenizedPairs:
+        d = self.config.data
+        data, report = tokenize_pairs(pairs, self.tokenizer, d.max_length, d.max_prompt_length)
+        if report.n_prompt_truncated or report.n_response_truncated or report.n_dropped_empty:
+            log(f"  truncation: {report.to_dict()}")
+        return data
+
+    def buckets(self) -> tuple[int, ...] | None:
+        return tuple(self.config.data.length_buckets) or None
+
+    @cached_property
+    def scorer(self) -> RewardScorer | None:
+        """The configured reward (None: rewards come with the data)."""
+        r = self.config.reward
+        cfg = RewardConfig(kind=r.kind, model_path=r.model_path, rule=r.function, batch_size=r.batch_size)
+        return build_scorer(cfg, self.mesh)
+
+    def sampling_config(self, section, seed: int) -> SamplingConfig:
+        return SamplingConfig(
+            n=section.n,
+            temperature=section.temperature,
+            top_p=getattr(section, "top_p", 1.0),
+            top_k=getattr(section, "top_k", 0),
+            max_new_tokens=section.max_new_tokens,
+            min_new_tokens=section.min_new_tokens,
+            max_prompt_length=self.config.data.max_prompt_length,
+            batch_size=section.batch_size,
+            seed=seed,
+        )
+
+
+def _done(path: Path, stage: str) -> bool:
+    if path.exists():
+        log(f"[{stage}] done already: {path}")
+        return True
+    return False
+
+
+# -- stages ---------------------------------------------------------------------------------------
+def stage_stats(run: Run) -> None:
+    d = run.config.data
+    for name in ("prompts", "scored", "pairs"):
+        path = getattr(d, name)
+        out = run.root / "stats" / name
+        if path and not _done(out / f"{Path(path).name.split('.')[0]}.stats.json", "stats"):
+            write_stats(path, out)  # prints the table
+
+
+def read_demonstrations(path: str | Path) -> list:
+    """SFT demonstrations {prompt, response} as pairs with chosen = rejected = the response.
+
+    The DPO batch format then carries them unchanged through tokenization and batching.
+    """
+    pairs = []
+    for where, index, row in raw_rows(path):
+        if isinstance(row, DataError):
+            raise row
+        if not isinstance(row, dict) or "response" not in row:
+            raise DataError(where, "response", "missing_field", "a demonstration needs 'prompt' and 'response'")
+        pairs.append(parse_record({**row, "chosen": row["response"], "rejected": row["response"]}, "pairs", index, where))
+    return pairs
+
+
+def stage_sft(run: Run) -> None:
+    cfg = run.config.sft
+    if not cfg.enabled or _done(run.sft_model / "config.json", "sft"):
+        return
+    log(f"[sft] {cfg.steps} steps on {cfg.data}")
+    data = run.tokenize(read_demonstrations(cfg.data))
+    batches = PreferenceBatcher(data, cfg.batch_size, seed=run.config.seed, buckets=run.buckets())
+    train_cfg = TrainSection(
+        batch_size=cfg.batch_size,
+        optim=OptimSection(learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps, schedule="cosine"),
+        seed=run.config.seed,
+    )
+    trainer = SFTTrainer(run.load_model(), train_cfg, run.mesh, total_steps=cfg.steps)
+    state = fit(trainer, batches, run_dir=run.root / "sft", num_steps=cfg.steps, checkpoint_every=max(cfg.steps // 4, 1), name="sft")
+    run.save_model(trainer.model_at(state), run.sft_model)
+
+
+def stage_sample(run: Run) -> None:
+    if run.config.data.scored or run.config.data.pairs or _done(run.responses, "sample"):
+        return
+    prompts = Path(run.config.data.prompts)
+    if run.config.bpo.breadth_enabled:
+        prompts = breadth_selection(run, prompts)
+    log(f"[sample] {run.config.sample.n} responses per prompt of {prompts}")
+    model = run.load_model(run.reference_dir)
+    s = run.config.sample
+    sample_stage(model, run.tokenizer, prompts, run.responses, run.sampling_config(s, s.seed), run.mesh)
+
+
+def breadth_selection(run: Run, prompts: Path) -> Path:
+    raise NotImplementedError
+
+
+def stage_score(run: Run) -> None:
+    if run.config.data.scored or run.config.data.pairs or _done(run.scored, "score"):
+        return
+    log(f"[score] {run.config.reward.kind} rewards of {run.responses}")
+    score_stage(run.responses, run.scored, run.scorer)
+
+
+def stage_pairs(run: Run) -> None:
+    if run.config.data.pairs or _done(run.pairs_dir / "pairs_report.json", "pairs"):
+        return
+    p = run.config.pairs
+    report = run_pairs_stage(
+        run.scored,
+        run.pairs_dir,
+        strategy=p.strategy,
+        seed=p.seed,
+        min_margin=p.min_margin,
+        length_penalty=p.length_penalty,
+        k_rej=p.k_rej,
+        exclude_truncated=p.exclude_truncated,
+        skip_bad_rows=run.config.data.skip_bad_rows,
+    )
+    log(f"[pairs] {p.strategy}: {json.dumps({k: v for k, v in report.items() if k not in ('outputs', 'input')})}")
+
+
+def stage_bpo(run: Run) -> None:
+    pass
+
+
+def model_fingerprint(run: Run) -> str:
+    """Identifies the reference model's weights: the bytes of its files, or the random-init recipe."""
+    h = hashlib.sha256()
+    directory = run.reference_dir
+    if directory is None:
+        h.update(json.dumps([run.config.model.init, run.config.seed], sort_keys=True).encode())
+    else:
+        for f in sorted(directory.glob("*.safetensors")) + [directory / "config.json"]:
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(block)
+    h.update(f"{run.config.model.dtype}/{run.config.train.vocab_chunk}".encode())
+    return h.hexdigest()
+
+
+def data_fingerprint(data: TokenizedPairs) -> str:
+    h = hashlib.sha256()
+    for seqs in (data.prompt, data.chosen, data.rejected):
+        for part in (seqs.flat, seqs.starts, seqs.lengths):
+            h.update(np.ascontiguousarray(part).tobytes())
+    return h.hexdigest()
+
+
+def with_reference_logps(run: Run, data: TokenizedPairs, model: CausalLM) -> TokenizedPairs:
+    """Attach reference log-probs, computed once and cached on disk keyed by data + model."""
+    key = hashlib.sha256((data_fingerprint(data) + model_fingerprint(run)).encode()).hexdigest()[:16]
+    cache = run.root / "train" / f"ref_logps_{key}.npz"
+    if cache.exists():
+        saved = np.load(cache)
+        return data.with_ref_logps(saved["chosen"], saved["rejected"])
+    log(f"[train] precomputing reference log-probs of {len(data)} pairs")
+    batches = PreferenceBatcher(data, run.config.train.batch_size, shuffle=False, buckets=run.buckets()).epoch_batches()
+    index, chosen, rejected = precompute_reference_logps(model, batches, run.mesh, run.config.train.vocab_chunk)
+    order = np.argsort(index)
+    chosen, rejected = chosen[order], rejected[order]
+    if jax.process_index() == 0:
+        with atomic_open(cache, "wb") as f:
+            np.savez(f, chosen=chosen, rejected=rejected)
+    return data.with_ref_logps(chosen, rejected)
+
+
+def stage_train(run: Run) -> None:
+    if _done(run.policy / "config.json", "train"):
+        return
+    t = run.config.train
+    pairs, _ = read_records(run.preference_data, "pairs", run.config.data.skip_bad_rows)
+    data = run.tokenize(pairs)
+    model = run.load_model(run.reference_dir)
+    if t.reference == "precomputed":
+        data = with_reference_logps(run, data, model)
+    add_lora(model, run.config.lora, seed=t.seed)
+    batches = PreferenceBatcher(data, t.batch_size, seed=t.seed, buckets=run.buckets())
+    steps = t.max_steps or t.num_epochs * batches.batches_per_epoch
+    log(f"[train] {len(data)} pairs from {run.preference_data}, {steps} steps of {t.batch_size}")
+    trainer = DPOTrainer(model, t, run.mesh, total_steps=steps)
+    state = fit(
+        trainer, batches, run_dir=run.root / "train", num_steps=steps,
+        checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
+    )
+    run.save_model(trainer.model_at(state), run.policy)
+
+
+def eval_responses(run: Run, model: CausalLM, prompts: Path, who: str) -> Path:
+    """Sample `model`'s responses to the eval prompts and score them: eval/{who}_scored.jsonl."""
+    e = run.config.eval
+    responses, scored = run.eval_dir / f"{who}_responses.jsonl", run.eval_dir / f"{who}_scored.jsonl"
+    if not responses.exists():
+        sample_stage(model, run.tokenizer, prompts, responses, run.sampling_config(e, run.config.seed), run.mesh)
+    if not scored.exists():
+        score_stage(responses, scored, run.scorer)
+    return scored
+
+
+def scored_rewards(path: Path) -> dict[str, list[float]]:
+    return {g.id: g.rewards for g in read_groups(path, with_rewards=True)}
+
+
+def stage_eval(run: Run) -> None:
+    out = run.eval_dir / "eval.json"
+    if out.exists():
+        log(evaluate.format_table(json.loads(out.read_text())))
+        return
+    d, e = run.config.data, run.config.eval
+    policy, reference = run.load_model(run.policy), run.load_model(run.reference_dir)
+    results: dict = {"policy": str(run.policy), "reference": str(run.reference_dir or "random init")}
+    if d.eval_prompts and run.scorer is not None:
+        prompts = run.eval_dir / "prompts.jsonl"
+        if not prompts.exists():
+            rows = list(read_records(d.eval_prompts, "prompts", d.skip_bad_rows)[0])
+            write_jsonl(prompts, ({"id": r.id, "prompt": r.prompt} for r in rows[: e.num_prompts or None]))
+        log(f"[eval] {e.n} responses per held-out prompt of {d.eval_prompts}, policy and reference")
+        policy_rewards = scored_rewards(eval_responses(run, policy, prompts, "policy"))
+        reference_rewards = scored_rewards(eval_responses(run, reference, prompts, "reference"))
+        ids = sorted(policy_rewards)
+        p = np.concatenate([policy_rewards[i] for i in ids])
+        r = np.concatenate([reference_rewards[i] for i in ids])
+        results.update(evaluate.compare_rewards(p, r), n_prompts=len(ids))
+        evaluate.plot_reward_comparison(p, r, run.eval_dir / "rewards.png")
+    if d.eval_pairs:
+        pairs, _ = read_records(d.eval_pairs, "pairs", d.skip_bad_rows)
+        log(f"[eval] preference accuracy on {len(pairs)} held-out pairs of {d.eval_pairs}")
+        results.update(evaluate.preference_accuracy(policy, reference, run.tokenize(pairs), run.mesh, batch_size=e.batch_size))
+    if jax.process_index() == 0:
+        write_json(out, results)
+    log(evaluate.format_table(results))
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[Run], None]] = {
+    "stats": stage_stats,
+    "sft": stage_sft,
+    "sample": stage_sample,
+    "score": stage_score,
+    "pairs": stage_pairs,
+    "bpo": stage_bpo,
+    "train": stage_train,
+    "eval": stage_eval,
+}
+
+
+def check_inputs(config: RunConfig) -> None:
+    """Read every configured input file once, so a bad row stops the run before any heavy work."""
+    d = config.data
+    for kind, path in (("prompts", d.prompts), ("prompts", d.eval_prompts), ("pairs", d.eval_pairs),
+                       ("scored", d.scored), ("pairs", d.pairs)):
+        if path:
+            read_records(path, kind, d.skip_bad_rows)
+    if config.sft.enabled:
+        read_demonstrations(config.sft.data)
+
+
+def run_pipeline(config: RunConfig, stage: str = "all") -> Run:
+    """Run one stage, or every stage in order ('all'); finished stages are skipped."""
+    if stage != "all" and stage not in STAGE_FUNCTIONS:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)} or 'all'")
+    check_inputs(config)
+    run = Run(config)
+    save_config(config, run.root / "config.yaml")
+    for name in STAGES if stage == "all" else (stage,):
+        STAGE_FUNCTIONS[name](run)
+    return run
