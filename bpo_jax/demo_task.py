@@ -20,6 +20,7 @@ import numpy as np
 
 from bpo_jax.io_utils import atomic_open, write_json, write_jsonl
 
+ASSETS = Path(__file__).resolve().parent / "assets" / "demo_sort"  # the committed copy of write_assets
 SPECIAL = ("<pad>", "<bos>", "<eos>")
 WORDS = SPECIAL + ("sort", "=") + tuple(str(d) for d in range(10))
 MIN_LEN, MAX_LEN = 4, 7

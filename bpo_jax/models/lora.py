@@ -11,14 +11,18 @@ gradients of a fresh adapter carry information only in B until a short warm-up m
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bpo_jax.config import LoraSection
 from bpo_jax.models.config import resolve_dtype
 from bpo_jax.models.llama import CausalLM, Linear
+
+if TYPE_CHECKING:  # bpo_jax.config imports the models package: no runtime import back
+    from bpo_jax.config import LoraSection
+
 
 def _targeted_linears(model: CausalLM, targets: tuple[str, ...]) -> list[tuple[str, Linear]]:
     found = []
