@@ -87,15 +87,40 @@ def chunked_sequence_logps(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``sequence_logps(hidden @ lm_head_kernel, ...)`` without ever holding [B, T, V] logits.
 
-    hidden [B, T, H] are the final normed hidden states, lm_head_kernel [H, V]. The vocabulary is
-    scanned in chunks of ``vocab_chunk`` columns with a running (online) logsumexp, and the label
-    logit is read from the chunk that holds it; both the scan body and each sequence chunk are
-    rematerialized (jax.checkpoint), so the backward pass recomputes one chunk of logits at a time
-    instead of storing them. ``seq_chunk`` additionally splits the T-1 predicted positions into
-    chunks of that length (lax.map), bounding the live logits to [B, seq_chunk, vocab_chunk].
-    ``logit_dtype`` is the matmul output dtype; the logsumexp always accumulates in float32.
+    hidden [B, T, H] are the final normed hidden states, lm_head_kernel [H, V]; the per-token
+    log-probs come from ``chunked_token_logps`` (see there for the chunking).
     """
     _check_sequence_shapes(input_ids, loss_mask, hidden.shape[:2], "hidden")
+    per_token = chunked_token_logps(
+        hidden, lm_head_kernel, input_ids, vocab_chunk=vocab_chunk, seq_chunk=seq_chunk, logit_dtype=logit_dtype
+    )
+    return _masked_sum_mean(per_token, loss_mask)
+
+
+def chunked_token_logps(
+    hidden: jax.Array,
+    lm_head_kernel: jax.Array,
+    input_ids: jax.Array,
+    *,
+    vocab_chunk: int = 8192,
+    seq_chunk: int | None = None,
+    logit_dtype: jnp.dtype = jnp.float32,
+) -> jax.Array:
+    """``token_logps(hidden @ lm_head_kernel, input_ids)`` [B, T-1] without [B, T, V] logits.
+
+    The vocabulary is scanned in chunks of ``vocab_chunk`` columns with a running (online)
+    logsumexp, and the label logit is read from the chunk that holds it; both the scan body and
+    each sequence chunk are rematerialized (jax.checkpoint), so the backward pass recomputes one
+    chunk of logits at a time instead of storing them. ``seq_chunk`` additionally splits the T-1
+    predicted positions into chunks of that length (lax.map), bounding the live logits to
+    [B, seq_chunk, vocab_chunk]. ``logit_dtype`` is the matmul output dtype; the logsumexp always
+    accumulates in float32.
+    """
+    if input_ids.ndim != 2 or tuple(hidden.shape[:2]) != tuple(input_ids.shape) or input_ids.shape[1] < 2:
+        raise ValueError(
+            f"hidden must be [B, T, H] and input_ids [B, T] with T >= 2; got {tuple(hidden.shape)} and "
+            f"{tuple(input_ids.shape)}"
+        )
     if lm_head_kernel.ndim != 2 or lm_head_kernel.shape[0] != hidden.shape[-1]:
         raise ValueError(
             f"lm_head_kernel must be [H, V] with H = hidden.shape[-1] = {hidden.shape[-1]}; "
@@ -115,10 +140,45 @@ def chunked_sequence_logps(
     )
     states, labels = hidden[:, :-1], input_ids[:, 1:]
     if seq_chunk is None:
-        per_token = token_fn(states, labels)
-    else:
-        per_token = _map_over_seq_chunks(token_fn, states, labels, seq_chunk)
-    return _masked_sum_mean(per_token, loss_mask)
+        return token_fn(states, labels)
+    return _map_over_seq_chunks(token_fn, states, labels, seq_chunk)
+
+
+def packed_sequence_logps(
+    per_token: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array, num_sequences: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-sequence (sum_logps, mean_logps, n_tokens) [num_sequences] of packed rows.
+
+    per_token [R, T-1] are next-token log-probs of rows [R, T] holding several sequences each;
+    sequence s is segment id s + 1 (0 is padding). A token counts when its loss_mask is 1 and it is
+    predicted from a token of its own segment, so the first token of a segment (predicted from the
+    previous segment's last token) never counts, as token 0 of a padded row never does. The sums
+    are segment sums, equal to ``sequence_logps`` of the same sequences padded one per row.
+    """
+    scored, seg = _packed_scored(loss_mask, segment_ids, num_sequences)
+    values = jnp.where(scored, per_token, 0.0)
+    total = jax.ops.segment_sum(values.ravel(), seg.ravel(), num_segments=num_sequences + 1)[:-1]
+    n_tokens = packed_token_counts(loss_mask, segment_ids, num_sequences)
+    return total, total / jnp.maximum(n_tokens, 1.0), n_tokens
+
+
+def packed_token_counts(loss_mask: jax.Array, segment_ids: jax.Array, num_sequences: int) -> jax.Array:
+    """Scored tokens of each packed sequence [num_sequences] (see ``packed_sequence_logps``)."""
+    scored, seg = _packed_scored(loss_mask, segment_ids, num_sequences)
+    ones = scored.astype(jnp.float32)
+    return jax.ops.segment_sum(ones.ravel(), seg.ravel(), num_segments=num_sequences + 1)[:-1]
+
+
+def _packed_scored(loss_mask, segment_ids, num_sequences: int) -> tuple[jax.Array, jax.Array]:
+    """Which of the T-1 predicted tokens count, and their sequence (num_sequences when none)."""
+    if loss_mask.shape != segment_ids.shape or loss_mask.ndim != 2:
+        raise ValueError(
+            f"loss_mask and segment_ids must both be [R, T]; got {tuple(loss_mask.shape)} and "
+            f"{tuple(segment_ids.shape)}"
+        )
+    target = segment_ids[:, 1:]
+    scored = (loss_mask[:, 1:] != 0) & (target == segment_ids[:, :-1]) & (target > 0) & (target <= num_sequences)
+    return scored, jnp.where(scored, target - 1, num_sequences)
 
 
 def _vocab_chunked_token_logps(

@@ -31,17 +31,22 @@ from jax.sharding import Mesh
 
 from bpo_jax.checkpointing import Checkpointer
 from bpo_jax.config import OptimSection, TrainSection
+from bpo_jax.data.packing import is_packed, pack_batch
 from bpo_jax.losses import (
     chunked_sequence_logps,
+    chunked_token_logps,
     dpo_metrics,
     loss_uses_mean_logps,
+    packed_sequence_logps,
+    packed_token_counts,
     preference_loss,
     sequence_logps,
+    token_logps,
 )
 from bpo_jax.metrics import MetricsLogger
 from bpo_jax.models.llama import CausalLM
 from bpo_jax.models.lora import has_lora
-from bpo_jax.sharding import batch_sharding, replicated, state_shardings
+from bpo_jax.sharding import BATCH_AXES, batch_sharding, replicated, state_shardings
 
 REFERENCE_MODES = ("precomputed", "frozen_copy", "lora_off", "none")
 
@@ -94,7 +99,12 @@ def trainable_filter(model: CausalLM):
 
 
 def concatenated_logps(model: CausalLM, batch: dict[str, jax.Array], vocab_chunk: int = 0):
-    """Chosen and rejected through the model in one forward: ((sum_c, sum_r), (mean_c, mean_r))."""
+    """Chosen and rejected through the model in one forward: ((sum_c, sum_r), (mean_c, mean_r)).
+
+    Takes a padded batch or a packed one (bpo_jax.data.packing); both give the same numbers.
+    """
+    if is_packed(batch):
+        return _packed_logps(model, batch, vocab_chunk)
     ids = jnp.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]], axis=0)
     attention = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]], axis=0)
     loss_mask = jnp.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]], axis=0)
@@ -105,6 +115,27 @@ def concatenated_logps(model: CausalLM, batch: dict[str, jax.Array], vocab_chunk
         sums, means, _ = sequence_logps(model(ids, attention), ids, loss_mask)
     b = batch["chosen_input_ids"].shape[0]
     return (sums[:b], sums[b:]), (means[:b], means[b:])
+
+
+def _packed_logps(model: CausalLM, batch: dict[str, jax.Array], vocab_chunk: int):
+    """concatenated_logps of a packed batch: attention within segments, log-probs summed per segment."""
+    ids, segments, positions = batch["input_ids"], batch["segment_ids"], batch["positions"]
+    if vocab_chunk > 0:
+        hidden = model.hidden_states(ids, positions=positions, segment_ids=segments)
+        per_token = chunked_token_logps(hidden, model.head_kernel(), ids, vocab_chunk=vocab_chunk)
+    else:
+        per_token = token_logps(model(ids, positions=positions, segment_ids=segments), ids)
+    num_sequences = 2 * batch["valid"].shape[0]
+    sums, means, _ = packed_sequence_logps(per_token, batch["loss_mask"], segments, num_sequences)
+    return (sums[0::2], sums[1::2]), (means[0::2], means[1::2])
+
+
+def response_token_counts(batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Scored tokens of each chosen and each rejected response (what mean log-probs divide by)."""
+    if is_packed(batch):
+        counts = packed_token_counts(batch["loss_mask"], batch["segment_ids"], 2 * batch["valid"].shape[0])
+        return counts[0::2], counts[1::2]
+    return batch["chosen_loss_mask"][:, 1:].sum(-1), batch["rejected_loss_mask"][:, 1:].sum(-1)
 
 
 def _split_micro(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
@@ -218,18 +249,30 @@ class DPOTrainer(Trainer):
             raise ValueError("reference 'lora_off' needs a LoRA model (lora.rank > 0)")
         if cfg.reference == "none" and cfg.loss_type != "simpo":
             raise ValueError(f"reference 'none' only suits reference-free losses (simpo), not {cfg.loss_type!r}")
+        if cfg.packing and jax.process_count() > 1:
+            raise ValueError("train.packing packs each host's rows on its own; multi-host runs are not supported yet")
         super().__post_init__()
         if cfg.reference == "frozen_copy":
             # Its own copy of the initial trainable params (jnp.copy: new buffers, never donated).
             self.reference_params = jax.tree.map(jnp.copy, self._initial_trainable)
+
+    def _place(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
+        """With train.packing, pack the padded host batch first (one micro-batch per row group)."""
+        if self.config.packing and not is_packed(batch):
+            shards = int(np.prod([self.mesh.shape[a] for a in BATCH_AXES]))
+            batch = pack_batch(
+                {k: np.asarray(v) for k, v in batch.items()},
+                groups=self.config.grad_accum_steps,
+                row_multiple=shards,
+            )
+        return super()._place(batch)
 
     def _micro_loss(self, trainable, frozen, reference_params, batch, n_valid_total):
         cfg = self.config
         use_mean = loss_uses_mean_logps(cfg.loss_type)
         model = nnx.merge(self.graphdef, trainable, frozen)
         (pc, pr), (pc_mean, pr_mean) = concatenated_logps(model, batch, cfg.vocab_chunk)
-        n_chosen = jnp.maximum(batch["chosen_loss_mask"][:, 1:].sum(-1), 1)
-        n_rejected = jnp.maximum(batch["rejected_loss_mask"][:, 1:].sum(-1), 1)
+        n_chosen, n_rejected = (jnp.maximum(n, 1) for n in response_token_counts(batch))
         if cfg.reference == "none":
             rc = rr = None
         else:
