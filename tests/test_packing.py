@@ -17,7 +17,7 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bpo_jax.config import LoraSection, OptimSection, TrainSection
+from bpo_jax.config import ConfigError, LoraSection, ModelSection, OptimSection, RunConfig, TrainSection, validate
 from bpo_jax.data.batching import collate_pairs
 from bpo_jax.data.packing import first_fit_decreasing, is_packed, pack_batch, padding_fraction
 from bpo_jax.data.tokenize import RaggedTokens, TokenizedPairs
@@ -206,3 +206,13 @@ def test_packed_training_equals_padded(reference, loss_type, grad_accum, lora):
     _, out_pack = packed_trainer.train_step(packed_trainer.init_state(), padded)
     for name in ("loss", "grad_norm", "rewards/margins", "logps/chosen"):
         np.testing.assert_allclose(float(out_pack[name]), float(out_pad[name]), rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_config_accepts_packing_single_host_only():
+    init = {"architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = RunConfig(model=ModelSection(init=init), train=TrainSection(packing=True))
+    validate(config, check_files=False)
+    config.distributed.num_processes = 2
+    with pytest.raises(ConfigError, match="^train.packing: .*multi-host"):
+        validate(config, check_files=False)
