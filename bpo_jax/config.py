@@ -37,6 +37,7 @@ import yaml
 from bpo_jax.io_utils import atomic_open
 from bpo_jax.losses import LOSS_TYPES
 from bpo_jax.models.config import ModelConfig, ModelConfigError
+from bpo_jax.packaged_assets import AssetNotInstalled, resolve_path
 from bpo_jax.pairs import DEFAULT_STRATEGY, parse_strategy
 from bpo_jax.sharding import MESH_AXES, MeshError, resolve_mesh_shape
 
@@ -52,7 +53,7 @@ PROJECTIONS = ("rademacher", "gaussian")
 @dataclasses.dataclass
 class ModelSection:
     path: str | None = None  # local Hugging Face directory (config.json, *.safetensors, tokenizer.json)
-    gguf: str | None = None  # a GGUF file instead of `path`
+    gguf: str | None = None  # a GGUF file instead of `path`, or "asset:smollm2-135m-instruct" (installed package)
     init: dict | None = None  # a Hugging Face config dict: build a randomly initialized model instead
     tokenizer: str | None = None  # tokenizer directory when it differs from `path`
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
@@ -632,7 +633,11 @@ def _check_files(config: RunConfig) -> None:
         except ModelConfigError as e:
             raise ConfigError("model.path", str(e)) from None
     if m.gguf is not None:
-        _check(Path(m.gguf).is_file(), "model.gguf", f"file not found: {m.gguf}")
+        try:
+            gguf = resolve_path(m.gguf)  # a path, or "asset:NAME" from an installed asset package
+        except AssetNotInstalled as e:
+            raise ConfigError("model.gguf", str(e)) from None
+        _check(gguf.is_file(), "model.gguf", f"file not found: {m.gguf}")
     if m.tokenizer is not None:
         _check((Path(m.tokenizer) / "tokenizer.json").is_file(), "model.tokenizer",
                f"{m.tokenizer}: not a tokenizer directory (no tokenizer.json)")

@@ -70,3 +70,19 @@ def is_installed(asset: Asset) -> bool:
     except AssetNotInstalled:
         return False
     return True
+
+
+# Names a config may use instead of a path: `model.gguf: asset:smollm2-135m-instruct`.
+ASSETS = {"smollm2-135m-instruct": SMOLLM2_GGUF, "all-minilm-l6-v2": MINILM_L6_V2}
+ASSET_SCHEME = "asset:"
+
+
+def resolve_path(spec: str | Path) -> Path:
+    """A path as given, or for "asset:NAME" where the installed asset package keeps that file."""
+    text = str(spec)
+    if not text.startswith(ASSET_SCHEME):
+        return Path(spec)
+    name = text[len(ASSET_SCHEME) :]
+    if name not in ASSETS:
+        raise AssetNotInstalled(f"{text}: unknown asset {name!r}; known: {', '.join(ASSET_SCHEME + n for n in ASSETS)}")
+    return asset_path(ASSETS[name])

