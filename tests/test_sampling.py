@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from scipy import stats
 
 from bpo_jax import sampling
@@ -48,6 +49,17 @@ def hf_model(name: str):
 def reference(name: str) -> dict[str, np.ndarray]:
     with np.load(HF / name / "reference.npz") as f:
         return dict(f)
+
+
+@functools.partial(jax.jit, static_argnums=0, compiler_options={"xla_backend_optimization_level": 0})
+def _forward(graphdef, state, ids, mask):
+    return nnx.merge(graphdef, state)(ids, mask)
+
+
+def plain_forward(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Logits of an ordinary forward pass (no cache), the reference for decoding. Compiled without
+    backend optimization: an eager forward costs more than this compile."""
+    return np.asarray(_forward(*nnx.split(model), jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)))
 
 
 def fixture_prompts(name: str) -> list[list[int]]:
@@ -108,6 +120,39 @@ def test_sample_frequencies_follow_the_distribution(temperature, top_k, top_p):
     assert chi2 < stats.chi2.ppf(0.999, kept.sum() - 1), (chi2, counts, probs)
 
 
+def chi2_fits(counts: np.ndarray, probs: np.ndarray) -> bool:
+    """Goodness of fit at p = 0.001 over the tokens with probability > 0."""
+    kept = probs > 0
+    expected = counts.sum() * probs[kept]
+    return ((counts[kept] - expected) ** 2 / expected).sum() < stats.chi2.ppf(0.999, kept.sum() - 1)
+
+
+def test_generate_draws_follow_the_model_distribution():
+    """End to end through the decode loop: 4000 samples of one prompt. The first tokens follow
+    temperature + top-k + top-p over a plain forward's last logits; the second tokens, among the
+    samples that began with the commonest first token, follow the distribution after it (fresh
+    keys per sample and per step). Excluded tokens never appear."""
+    model = hf_model("llama_gqa")
+    prompt, draws = [5, 6, 7, 8], 4000
+    cfg = SamplingConfig(n=draws, temperature=1.3, top_k=12, top_p=0.8, max_new_tokens=2, batch_size=1, seed=5)
+    tokens = generate(model, [prompt], cfg, progress=False).tokens[0]
+    first = np.array([seq[0] for seq in tokens])
+    stops = set(model.config.eos_token_ids)
+    top = int(np.bincount(first[~np.isin(first, list(stops))]).argmax())
+    second = np.array([seq[1] for seq in tokens if seq[0] == top])
+
+    ids = np.array([[0] + prompt, prompt + [top]], np.int32)  # row 0 left-padded to the same length
+    mask = np.array([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], np.int32)
+    logits = plain_forward(model, ids, mask)[:, -1]
+    for drawn, row in ((first, logits[0]), (second, logits[1])):
+        probs = reference_probs(row, cfg.temperature, cfg.top_k, cfg.top_p)
+        assert 1 < (probs > 0).sum() < cfg.top_k  # top-p cut inside the top-k set
+        counts = np.bincount(drawn, minlength=len(probs))
+        assert counts[probs == 0].sum() == 0, np.flatnonzero(counts * (probs == 0))
+        assert chi2_fits(counts, probs), (counts[probs > 0], probs[probs > 0])
+    assert len(second) > 500
+
+
 def test_greedy_is_argmax():
     logits = jnp.asarray(np.random.default_rng(1).normal(size=(5, 12)), jnp.float32)
     got = sample_tokens(logits, jax.random.split(jax.random.key(0), 5), 0.0)
@@ -134,7 +179,7 @@ def test_kv_cache_decoding_equals_full_recomputation():
 
     full_ids = np.concatenate([ids, out.tokens], axis=1)
     full_mask = np.concatenate([mask, np.ones_like(out.tokens)], axis=1)
-    full = np.asarray(model(jnp.asarray(full_ids), jnp.asarray(full_mask)))
+    full = plain_forward(model, full_ids, full_mask)
     for row in range(3):
         n = out.lengths[row]
         np.testing.assert_allclose(out.logits[row, :n], full[row, 7 : 7 + n], atol=1e-4, rtol=0)
@@ -167,11 +212,13 @@ def test_same_seed_same_outputs_whatever_the_batching():
     model = hf_model("llama_gqa")
     first = generate(model, PROMPTS, SAMPLED, progress=False)
     assert generate(model, PROMPTS, SAMPLED, progress=False).tokens == first.tokens
-    one_by_one = generate(model, PROMPTS, SamplingConfig(**{**SAMPLED.__dict__, "batch_size": 1}), progress=False)
-    assert one_by_one.tokens == first.tokens
-    # a subset keeps its results when called with the prompts' global indices (what resuming does)
+    # a subset keeps its results when called with the prompts' global indices (what resuming does);
+    # batches are filled longest first, so each of these prompts sits in other rows, beside other
+    # prompts, than in the first run (the batch shape stays: no second compilation)
     subset = generate(model, [PROMPTS[3], PROMPTS[1]], SAMPLED, indices=[3, 1], progress=False)
     assert subset.tokens == [first.tokens[3], first.tokens[1]]
+    regrouped = generate(model, [PROMPTS[1], PROMPTS[0]], SAMPLED, indices=[1, 0], progress=False)
+    assert regrouped.tokens == [first.tokens[1], first.tokens[0]]
     # samples differ from each other and from another seed
     assert any(a != b for a, b in first.tokens)
     other = generate(model, PROMPTS, SamplingConfig(**{**SAMPLED.__dict__, "seed": 4}), progress=False)
