@@ -311,6 +311,29 @@ def _wrong_shape(d: Path) -> None:
     rewrite_tensors(d, lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": np.zeros((48, 32), np.float32)}))
 
 
+def _sharded(d: Path) -> dict:
+    """Re-save the fixture as two shards with an index; returns the index."""
+    tensors = load_file(d / "model.safetensors")
+    (d / "model.safetensors").unlink()
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+    for fname, keys in halves.items():
+        save_file({k: tensors[k] for k in keys}, d / fname, metadata={"format": "pt"})
+    return {"metadata": {}, "weight_map": {k: f for f, keys in halves.items() for k in keys}}
+
+
+def _missing_tensor_in_index(d: Path) -> None:
+    index = _sharded(d)
+    del index["weight_map"]["model.layers.1.mlp.up_proj.weight"]
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _missing_shard_file(d: Path) -> None:
+    (d / "model.safetensors.index.json").write_text(json.dumps(_sharded(d)))
+    (d / "model-00002-of-00002.safetensors").unlink()
+
+
 def _invalid_index(d: Path) -> None:
     (d / "model.safetensors").unlink()
     (d / "model.safetensors.index.json").write_text('{"metadata": {}, "weight_map": ')
@@ -324,8 +347,12 @@ def _invalid_index(d: Path) -> None:
         pytest.param(_invalid_json, ModelConfigError, "config.json", ["invalid JSON"], id="invalid_json"),
         pytest.param(_missing_config, FileNotFoundError, "config.json", ["not found"], id="missing_config"),
         pytest.param(_missing_safetensors, FileNotFoundError, "", ["model.safetensors"], id="missing_safetensors"),
-        pytest.param(_missing_tensor, CheckpointError, "", ["missing", "model.layers.1.mlp.up_proj.weight"],
-                     id="missing_tensor"),
+        pytest.param(_missing_tensor, CheckpointError, "model.safetensors",
+                     ["missing", "model.layers.1.mlp.up_proj.weight"], id="missing_tensor"),
+        pytest.param(_missing_tensor_in_index, CheckpointError, "model.safetensors.index.json",
+                     ["missing", "model.layers.1.mlp.up_proj.weight"], id="missing_tensor_in_index"),
+        pytest.param(_missing_shard_file, CheckpointError, "model.safetensors.index.json",
+                     ["weight_map", "missing file(s) model-00002-of-00002.safetensors"], id="missing_shard_file"),
         pytest.param(_wrong_shape, CheckpointError, "model.safetensors",
                      ["model.layers.0.self_attn.k_proj.weight", "(48, 32)", "(32, 48)"], id="wrong_shape"),
         pytest.param(_invalid_index, CheckpointError, "model.safetensors.index.json", ["weight_map"],

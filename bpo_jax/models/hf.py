@@ -48,19 +48,23 @@ def hf_tensor_name(path: tuple) -> tuple[str, bool]:
     return name, leaf == "kernel"
 
 
-def _open_checkpoint(directory: Path) -> dict[str, Path]:
-    """tensor name -> file holding it."""
+def _open_checkpoint(directory: Path) -> tuple[Path, dict[str, Path]]:
+    """(the file that lists the tensors: index or single file, tensor name -> file holding it)."""
     index = directory / INDEX_FILE
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index (field 'weight_map': {e})") from None
-        return {name: directory / fname for name, fname in weight_map.items()}
+        files = {name: directory / fname for name, fname in weight_map.items()}
+        absent = sorted({f.name for f in files.values() if not f.is_file()})
+        if absent:
+            raise CheckpointError(f"{index}: field 'weight_map' names missing file(s) {', '.join(absent)}")
+        return index, files
     single = directory / SINGLE_FILE
     if single.exists():
         with safe_open(single, framework="np") as f:
-            return {name: single for name in f.keys()}
+            return single, {name: single for name in f.keys()}
     raise FileNotFoundError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} found")
 
 
@@ -79,7 +83,7 @@ def load_hf_model(
     """
     directory = Path(directory)
     config = ModelConfig.from_file(directory, dtype=dtype, param_dtype=param_dtype, remat=remat)
-    tensor_files = _open_checkpoint(directory)
+    listing, tensor_files = _open_checkpoint(directory)
     with contextlib.ExitStack() as stack:
         handles: dict[Path, Any] = {}
 
@@ -89,7 +93,7 @@ def load_hf_model(
                 handles[file] = stack.enter_context(safe_open(file, framework="np"))
             return handles[file].get_tensor(name)
 
-        return load_params(config, {n: str(f) for n, f in tensor_files.items()}, read, source=str(directory), shardings=shardings)
+        return load_params(config, {n: str(f) for n, f in tensor_files.items()}, read, source=str(listing), shardings=shardings)
 
 
 def load_params(
