@@ -283,8 +283,9 @@ class FeatureSettings:
 
 @partial(jax.jit, static_argnames=("graphdef", "settings", "leaf_sizes"))
 def _features(trainable, frozen, adam, batch, *, graphdef, settings: FeatureSettings, leaf_sizes: tuple[int, ...]):
-    """Features of a batch shaped [micro-batches, micro_batch, ...]; module-level so that every
-    featurizer of the same model graph and settings shares one compiled function."""
+    """Features of a batch shaped [micro-batches, micro_batch, ...]: per-pair gradients one
+    micro-batch at a time, then one projection of all rows (its blocks generated once per call).
+    Module-level, so every featurizer of the same model graph and settings shares one compilation."""
     s = settings
     loss = partial(
         _pair_loss,
@@ -299,22 +300,25 @@ def _features(trainable, frozen, adam, batch, *, graphdef, settings: FeatureSett
 
     def micro(examples):
         grads = jax.tree.leaves(per_pair_grad(trainable, frozen, examples))
-        flat = jnp.concatenate([g.reshape(g.shape[0], -1).astype(jnp.float32) for g in grads], axis=1)
-        if adam is not None:
-            mu, nu, count, (b1, b2, eps) = adam
-            flat = adam_precondition(flat, mu[None], nu[None], count, b1, b2, eps)
-        projected = project(flat, leaf_sizes, proj_dim=s.proj_dim, seed=s.seed, chunk_size=s.chunk_size, projection=s.projection)
-        return l2_normalize(projected)
+        return jnp.concatenate([g.reshape(g.shape[0], -1).astype(jnp.float32) for g in grads], axis=1)
 
-    return jax.lax.map(micro, batch).reshape(-1, s.proj_dim)
+    flat = jax.lax.map(micro, batch)
+    flat = flat.reshape(-1, flat.shape[-1])
+    if adam is not None:
+        mu, nu, count, (b1, b2, eps) = adam
+        flat = adam_precondition(flat, mu[None], nu[None], count, b1, b2, eps)
+    projected = project(flat, leaf_sizes, proj_dim=s.proj_dim, seed=s.seed, chunk_size=s.chunk_size, projection=s.projection)
+    return l2_normalize(projected)
 
 
 class GradientFeaturizer:
     """Compiles the feature function once for a model and settings; call it on DPO batches.
 
-    `micro_batch` (0: the whole batch) bounds how many per-pair gradients live at once; the
-    projection blocks are regenerated once per micro-batch, so larger micro-batches amortize them.
-    With a `mesh`, each micro-batch is split over its data axes (data x fsdp must divide it).
+    `micro_batch` (0: the whole batch) bounds how many pairs are differentiated at once (their
+    activations live together). The gradients of all rows of a call, [rows, P] floats, are then
+    projected together: the projection blocks are generated once per call, so larger calls
+    amortize them (`rows_per_call` suggests a size). With a `mesh`, each micro-batch is split over
+    its data axes (data x fsdp must divide it).
     """
 
     def __init__(
@@ -340,6 +344,13 @@ class GradientFeaturizer:
         self.leaf_sizes = tuple(int(x.size) for _, x in flat)
         self.num_params = sum(self.leaf_sizes)
         self.adam = None if adam_state is None else self._align_adam(adam_state)
+
+    def rows_per_call(self, memory_bytes: int = 1 << 30, max_rows: int = 1024) -> int:
+        """A batch size for calls: whole micro-batches whose float32 gradients, held twice (raw and
+        preconditioned), fit in `memory_bytes`; at least one micro-batch, at most max_rows."""
+        mb = max(self.micro_batch, 1)
+        fits = memory_bytes // (8 * self.num_params)
+        return max(mb, min(fits, max_rows) // mb * mb)
 
     def _align_adam(self, adam: AdamMoments):
         """The moments flattened and concatenated in leaf order (a missing path is an error)."""

@@ -1,0 +1,177 @@
+"""Gradient clustering, BPO scores and depth allocation (bpo_jax.depth) on hand-built features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bpo_jax.depth import (
+    Candidates,
+    Clustering,
+    allocate,
+    bpo_scores,
+    default_budget,
+    plot_depth,
+    plot_scores,
+    spherical_kmeans,
+)
+
+
+def noisy_directions(directions: np.ndarray, counts, noise: float, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(len(counts)), counts)
+    x = directions[labels] + noise * rng.normal(size=(labels.size, directions.shape[1]))
+    return x, labels
+
+
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    return np.array_equal(a[:, None] == a[None, :], b[:, None] == b[None, :])
+
+
+def test_spherical_kmeans_recovers_direction_clusters_whatever_the_norms():
+    directions = np.eye(20)[:3]
+    x, truth = noisy_directions(directions, [15, 10, 5], noise=0.1)
+    x *= np.random.default_rng(1).uniform(0.1, 50, size=(len(x), 1))  # cosine ignores the norm
+    result = spherical_kmeans(x, 3, seed=0)
+    assert same_partition(result.labels, truth)
+    np.testing.assert_allclose(np.linalg.norm(result.centroids, axis=1), 1.0, atol=1e-6)
+    for c in range(3):
+        member = truth[result.labels == c][0]
+        assert result.centroids[c] @ directions[member] > 0.98
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    assert result.objective == pytest.approx(np.sum(unit * result.centroids[result.labels]), rel=1e-5)
+
+
+def test_spherical_kmeans_is_seeded_and_caps_clusters_at_rows():
+    x, _ = noisy_directions(np.eye(8)[:4], [6, 6, 6, 6], noise=0.6, seed=3)
+    a, b = spherical_kmeans(x, 4, seed=5), spherical_kmeans(x, 4, seed=5)
+    assert np.array_equal(a.labels, b.labels) and np.array_equal(a.centroids, b.centroids)
+    few = spherical_kmeans(np.eye(3)[:2], 5)
+    assert few.centroids.shape == (2, 3) and sorted(few.labels.tolist()) == [0, 1]
+
+
+def test_bpo_scores_hand_computed():
+    # Two clusters on the unit circle: centroid (1, 0) holds g0, g1; centroid (-1, 0) holds g2.
+    g = np.array([[1.0, 0.0], [0.6, 0.8], [-0.8, 0.6]])
+    clustering = Clustering(np.array([[1.0, 0.0], [-1.0, 0.0]]), np.array([0, 0, 1]), 0.0)
+    s = bpo_scores(g, clustering)
+    mean = np.array([0.8, 1.4]) / 3
+    g_bar = mean / np.hypot(*mean)  # (0.4961, 0.8682)
+    np.testing.assert_allclose(s.direction, g_bar, rtol=1e-6)
+    np.testing.assert_allclose(s.informativeness, [1.0, 0.6, 0.8], rtol=1e-6)
+    np.testing.assert_allclose(s.usefulness, [g_bar[0], 0.0], rtol=1e-6)  # U = max(0, cos): -0.496 -> 0
+    np.testing.assert_allclose(s.scores, [g_bar[0], 0.6 * g_bar[0], 0.0], rtol=1e-6)
+
+
+# -- allocation ---------------------------------------------------------------------------------------
+
+# 4 prompts, 10 candidates:      0    1    2    3    4    5    6    7    8    9
+GROUPS = np.array([0, 0, 0, 1, 1, 2, 3, 3, 3, 3])
+SCORES = np.array([0.1, 0.9, 0.5, 0.2, 0.3, 0.05, 0.8, 0.7, 0.6, 0.0])
+MARGINS = np.array([3.0, 1.0, 2.0, 0.5, 4.0, 1.0, 0.1, 0.2, 0.3, 0.4])
+LENGTHS = np.array([10, 20, 30, 40, 5, 7, 9, 50, 60, 1])
+CANDIDATES = Candidates(GROUPS, MARGINS, LENGTHS, SCORES)
+
+
+def depths(selected: np.ndarray) -> list[int]:
+    return np.bincount(GROUPS[selected], minlength=4).tolist()
+
+
+def test_gradient_allocation_hand_computed():
+    # Each prompt's best: 1 (0.9), 4 (0.3), 5 (0.05), 6 (0.8). Then by score: 7 (0.7), 8 (0.6), 2 (0.5).
+    assert allocate(CANDIDATES, "gradient", 7).tolist() == [1, 2, 4, 5, 6, 7, 8]
+    assert allocate(CANDIDATES, "gradient", 4).tolist() == [1, 4, 5, 6]
+    assert allocate(CANDIDATES, "gradient", 10).tolist() == list(range(10))
+
+
+@pytest.mark.parametrize("budget", range(4, 11))
+@pytest.mark.parametrize("allocator", ["gradient", "uniform", "random", "length", "margin"])
+def test_budget_exact_and_every_prompt_keeps_a_pair(allocator, budget):
+    selected = allocate(CANDIDATES, allocator, budget, seed=budget)
+    assert len(selected) == budget == len(set(selected.tolist()))
+    assert min(depths(selected)) >= 1
+
+
+@pytest.mark.parametrize("budget", range(4, 11))
+def test_higher_score_gets_the_depth(budget):
+    """Beyond each prompt's own best pair, every kept candidate outscores every dropped one."""
+    selected = allocate(CANDIDATES, "gradient", budget)
+    best = {g: max(np.flatnonzero(GROUPS == g), key=lambda i: SCORES[i]) for g in range(4)}
+    extra = [i for i in selected if i != best[GROUPS[i]]]
+    dropped = np.setdiff1d(np.arange(10), selected)
+    if extra and dropped.size:
+        assert SCORES[extra].min() >= SCORES[dropped].max()
+    # The ranking beyond the best pairs is 7, 8 (prompt 3), 2, 3, 0, then 9 (prompt 3 again).
+    assert depths(selected)[3] == {4: 1, 5: 2, 6: 3, 7: 3, 8: 3, 9: 3, 10: 4}[budget]
+
+
+def test_margin_and_length_allocators_hand_computed():
+    # margin: best per prompt 0 (3.0), 4 (4.0), 5, 9 (0.4); then 2 (2.0), 1 (1.0), 3 (0.5).
+    assert allocate(CANDIDATES, "margin", 7).tolist() == [0, 1, 2, 3, 4, 5, 9]
+    # length: best per prompt 2 (30), 3 (40), 5, 8 (60); then 7 (50), 1 (20), 0 (10).
+    assert allocate(CANDIDATES, "length", 7).tolist() == [0, 1, 2, 3, 5, 7, 8]
+
+
+def test_uniform_allocator_spreads_depth_evenly_by_margin():
+    # Round 1 (best margin each): 0, 4, 5, 9. Round 2: prompt 0 -> 2 (2.0), 1 -> 3 (0.5), 3 -> 8 (0.3);
+    # prompt 2 has nothing left. Round 2 is taken in margin order, so budget 6 takes 2 and 3.
+    assert allocate(CANDIDATES, "uniform", 6).tolist() == [0, 2, 3, 4, 5, 9]
+    assert depths(allocate(CANDIDATES, "uniform", 7)) == [2, 2, 1, 2]
+    assert depths(allocate(CANDIDATES, "uniform", 9)) == [3, 2, 1, 3]
+    # Many prompts with deep candidate lists: depths differ by at most one.
+    groups = np.repeat(np.arange(50), 6)
+    margins = np.random.default_rng(0).uniform(size=groups.size)
+    wide = Candidates(groups, margins, np.zeros(groups.size))
+    for budget in (50, 77, 120, 299):
+        d = np.bincount(groups[allocate(wide, "uniform", budget)])
+        assert d.max() - d.min() <= 1 and d.sum() == budget
+
+
+def test_random_allocator_is_seeded_and_unbiased():
+    a, b = allocate(CANDIDATES, "random", 6, seed=1), allocate(CANDIDATES, "random", 6, seed=1)
+    assert np.array_equal(a, b)
+    assert any(not np.array_equal(a, allocate(CANDIDATES, "random", 6, seed=s)) for s in range(2, 6))
+    # With budget 4 each prompt keeps one uniformly chosen candidate: prompt 3 has 4 candidates,
+    # each kept in 1/4 of 4000 seeds (sd 27; bounds at 5 sd).
+    counts = np.zeros(10)
+    for seed in range(4000):
+        counts[allocate(CANDIDATES, "random", 4, seed=seed)] += 1
+    assert np.all(np.abs(counts[6:10] - 1000) < 140)
+    assert counts[5] == 4000
+
+
+def test_allocation_errors():
+    with pytest.raises(ValueError, match="between the number of prompts \\(4"):
+        allocate(CANDIDATES, "margin", 3)
+    with pytest.raises(ValueError, match="number of candidate pairs \\(10\\)"):
+        allocate(CANDIDATES, "margin", 11)
+    with pytest.raises(ValueError, match="unknown depth allocator 'best'"):
+        allocate(CANDIDATES, "best", 5)
+    with pytest.raises(ValueError, match="needs BPO scores"):
+        allocate(CANDIDATES._replace(scores=None), "gradient", 5)
+    with pytest.raises(ValueError, match="Candidates.lengths has shape \\(3,\\)"):
+        allocate(CANDIDATES._replace(lengths=np.zeros(3)), "margin", 5)
+    assert default_budget(4, 10) == 5 and default_budget(8, 10) == 8
+
+
+def test_clusters_against_the_descent_direction_get_no_depth(tmp_path):
+    """End to end on synthetic features: 12 prompts whose pairs push along +e0 (the majority, so
+    g_bar ~ +e0) and 4 whose pairs push along -e0. The -e0 cluster's usefulness is 0, so its prompts
+    keep only their one forced pair while the budget deepens the +e0 prompts."""
+    directions = np.array([[1.0, 0.0, 0.0, 0.0], [-1.0, 0.0, 0.0, 0.0]])
+    x, truth = noisy_directions(directions, [36, 12], noise=0.15, seed=7)  # 3 pairs per prompt
+    groups = np.arange(48) // 3
+    clustering = spherical_kmeans(x, 2, seed=0)
+    assert same_partition(clustering.labels, truth)
+    scores = bpo_scores(x, clustering)
+    against = clustering.labels[truth == 1][0]
+    assert scores.usefulness[against] == 0.0 and scores.usefulness[1 - against] > 0.9
+    selected = allocate(Candidates(groups, np.zeros(48), np.zeros(48), scores.scores), "gradient", 30)
+    depth = np.bincount(groups[selected], minlength=16)
+    assert depth[12:].tolist() == [1, 1, 1, 1]
+    assert depth[:12].sum() == 26
+
+    plot_depth(groups, selected, tmp_path / "depth.png")
+    plot_scores(scores, selected, tmp_path / "scores.png")
+    for name in ("depth.png", "scores.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
