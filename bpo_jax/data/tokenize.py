@@ -5,7 +5,8 @@ Token layout of one example (what batching concatenates and the DPO loss masks):
   post-processor adds one); a conversation is rendered with the chat template and
   `add_generation_prompt=True`, then encoded with `add_special_tokens=False` (the template writes
   its own BOS, as in `transformers`).
-- response: encoded with `add_special_tokens=False` (never a BOS in the middle), then EOS appended.
+- response: encoded with `add_special_tokens=False` (never a BOS in the middle), then EOS appended
+  (once: a response text that already ends with the EOS token keeps just that one).
   For a conversation the response is the final assistant message's content; turns before it
   (e.g. assistant, user, assistant) are rendered with the template as the text that continues the
   prompt, so they are part of the response and of its loss.
@@ -205,7 +206,10 @@ def encode_prompts(texts: Sequence[str], rendered: Sequence[bool], tokenizer: To
 
 
 def _encode_responses(texts: Sequence[str], tokenizer: Tokenizer) -> RaggedTokens:
-    return RaggedTokens.from_lists(tokenizer.encode_batch(texts, add_special_tokens=False), append=tokenizer.eos_id)
+    """Response ids + exactly one EOS: a text that already ends with the EOS token gets no second one."""
+    eos = tokenizer.eos_id
+    encoded = tokenizer.encode_batch(texts, add_special_tokens=False)
+    return RaggedTokens.from_lists([ids[:-1] if ids and ids[-1] == eos else ids for ids in encoded], append=eos)
 
 
 def _render(tokenizer: Tokenizer, messages: list, generation_prompt: bool, record_id: str, field: str) -> str:
