@@ -1,11 +1,13 @@
 """The Llama-family model against Hugging Face transformers, through committed fixtures.
 
 tests/fixtures/hf/<name>/ holds tiny random-weight models saved by transformers and its outputs
-(reference.npz); tests/fixtures/README.md says how they were made. Nothing here imports torch or
-transformers. Also: checkpoint export round trips, bf16 export, broken checkpoints, KV-cache decoding.
+(reference.npz); the docstring of tests/fixtures/make_fixtures.py says how they were made. Nothing
+here imports torch or transformers. Also: checkpoint export round trips, bf16 export, broken
+checkpoints, KV-cache decoding.
 
-Run as a script to write an export for the reverse check with transformers:
+Run as a script to write an export for the reverse check with transformers (any fixture name):
     .venv/bin/python tests/test_models_hf.py llama_gqa /tmp/export_llama_gqa
+    /work/refvenv/bin/python tests/fixtures/make_fixtures.py --check-export /tmp/export_llama_gqa
 """
 
 from __future__ import annotations
