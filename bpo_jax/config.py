@@ -46,7 +46,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 REFERENCE_MODES = ("precomputed", "frozen_copy", "lora_off", "none")
 REWARD_KINDS = ("rule", "model", "precomputed", "gym")
 EMBEDDERS = ("policy", "tfidf", "minilm")
-DEPTH_ALLOCATORS = ("gradient", "uniform", "random", "length", "margin")
+DEPTH_ALLOCATORS = ("gradient", "uniform", "random", "length", "margin", "off")
 PROJECTIONS = ("rademacher", "gaussian")
 
 
@@ -143,8 +143,8 @@ class BpoSection:
     breadth_enabled: bool = False  # compress prompts to num_prompts clusters before sampling
     num_prompts: int = 0  # B': prompts kept by breadth compression; 0: keep all
     embedder: str = "policy"  # prompt encoder for breadth: policy | tfidf | minilm
-    depth_allocator: str = "gradient"  # gradient | uniform | random | length | margin
-    budget: int = 0  # global pair budget M; 0: number of prompts x mean depth of the candidates
+    depth_allocator: str = "gradient"  # gradient | uniform | random | length | margin | off (train on the pairs stage output)
+    budget: int = 0  # global pair budget M; 0: half the candidate pairs, at least one per prompt
     candidate_strategies: tuple[str, ...] = (  # candidate pairs built per prompt, one per strategy
         "max/mu-2s",
         "max/min",

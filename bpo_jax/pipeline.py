@@ -226,7 +226,35 @@ def stage_sample(run: Run) -> None:
 
 
 def breadth_selection(run: Run, prompts: Path) -> Path:
-    raise NotImplementedError
+    """BPO breadth compression: bpo.num_prompts representative prompts into selected_prompts.jsonl.
+
+    Returns the prompts file to sample from: `prompts` itself when breadth compression is off.
+    The report (bpo/breadth_report.json) is written before the prompts file, which marks it done.
+    """
+    from bpo_jax import balance
+    from bpo_jax.data.readers import write_records
+
+    b = run.config.bpo
+    if not b.breadth_enabled:
+        return prompts
+    if _done(run.selected_prompts, "breadth"):
+        return run.selected_prompts
+    records, _ = read_records(prompts, "prompts", run.config.data.skip_bad_rows)
+
+    def embed(texts: list) -> np.ndarray:
+        log(f"[breadth] embedding {len(texts)} unique prompts ({b.embedder})")
+        model = run.load_model(run.reference_dir) if b.embedder == "policy" else None
+        return balance.embed_prompts(
+            texts, b.embedder, model=model, tokenizer=run.tokenizer if model is not None else None,
+            batch_size=run.config.sample.batch_size, max_prompt_length=run.config.data.max_prompt_length,
+            mesh=run.mesh, seed=b.seed,
+        )
+
+    kept, report = balance.breadth_compress(records, b.num_prompts, embed, seed=b.seed)
+    write_json(run.root / "bpo" / "breadth_report.json", {"input": str(prompts), "embedder": b.embedder, **report})
+    write_records(run.selected_prompts, kept)
+    log(f"[breadth] kept {report['breadth_after']} of {report['breadth_before']} unique prompts -> {run.selected_prompts}")
+    return run.selected_prompts
 
 
 def stage_score(run: Run) -> None:
@@ -255,7 +283,101 @@ def stage_pairs(run: Run) -> None:
 
 
 def stage_bpo(run: Run) -> None:
-    pass
+    """BPO depth: scored groups -> candidate pairs -> (DPO warm-up) -> gradient features -> allocation.
+
+    Writes bpo/candidate_pairs.jsonl, bpo/features/ (resumable shards), bpo/warmup/ (checkpoints),
+    bpo/depth.png (+ bpo/scores.png), then train_pairs.jsonl (what train reads instead of
+    pairs/pairs.jsonl) and last bpo/bpo_report.json, the stage's done marker. depth_allocator 'off'
+    skips the stage. Features differentiate the parameters training trains: the LoRA adapters,
+    or every parameter without LoRA (bpo.trainable 'lora'), or those matching bpo.trainable.
+    """
+    from bpo_jax import depth, gradients
+    from bpo_jax.models.lora import has_lora
+
+    b, t, p = run.config.bpo, run.config.train, run.config.pairs
+    out = run.root / "bpo"
+    if run.config.data.pairs or b.depth_allocator == "off" or _done(out / "bpo_report.json", "bpo"):
+        return
+    groups = [g.to_dict() for g in read_records(run.scored, "scored", run.config.data.skip_bad_rows)[0]]
+    candidates, candidate_report = depth.candidate_pairs(
+        groups, b.candidate_strategies, seed=p.seed, min_margin=p.min_margin, length_penalty=p.length_penalty,
+        k_rej=p.k_rej, exclude_truncated=p.exclude_truncated, skip_bad_rows=run.config.data.skip_bad_rows,
+    )
+    if not candidates:
+        raise ValueError(f"{run.scored}: no prompt yields a candidate pair with strategies {list(b.candidate_strategies)}")
+    candidates_path = out / "candidate_pairs.jsonl"
+    write_jsonl(candidates_path, candidates)
+    data = run.tokenize([parse_record(c, "pairs", i, f"{candidates_path}:{i + 1}") for i, c in enumerate(candidates)])
+    kept = [candidates[i] for i in data.source_index]  # tokenization drops pairs left empty by truncation
+    prompt_of = {g["id"]: i for i, g in enumerate(groups)}
+    group = np.array([prompt_of[c["meta"]["prompt_id"]] for c in kept])
+    margins = np.array([c["meta"]["margin"] for c in kept])
+    lengths = data.chosen.lengths + data.rejected.lengths
+    log(f"[bpo] {len(kept)} candidate pairs for {len(set(group.tolist()))} prompts; allocator {b.depth_allocator}")
+
+    scores, feature_report = None, None
+    if b.depth_allocator == "gradient":
+        model = run.load_model(run.reference_dir)
+        if t.loss_type != "simpo":  # the reference is the starting model in every reference mode
+            data = with_reference_logps(run, data, model)
+        add_lora(model, run.config.lora, seed=t.seed)
+        trainable = b.trainable if b.trainable != "lora" or has_lora(model) else ".*"
+        adam = None
+        if b.warmup_steps:
+            log(f"[bpo] DPO warm-up: {b.warmup_steps} steps before gradient features")
+            warm_cfg = dataclasses.replace(
+                t, reference="none" if t.loss_type == "simpo" else "precomputed",
+                optim=dataclasses.replace(t.optim, schedule="constant", warmup_steps=0),
+            )
+            trainer = DPOTrainer(model, warm_cfg, run.mesh, total_steps=b.warmup_steps)
+            batches = PreferenceBatcher(data, t.batch_size, seed=t.seed, buckets=run.buckets())
+            state = fit(trainer, batches, run_dir=out / "warmup", num_steps=b.warmup_steps, name="bpo-warmup")
+            model = trainer.model_at(state)
+            adam = gradients.adam_moments(state.opt_state, b1=t.optim.b1, b2=t.optim.b2, eps=t.optim.eps)
+        settings = gradients.FeatureSettings(
+            proj_dim=b.proj_dim, seed=b.seed, trainable=trainable, loss_type=t.loss_type, beta=t.beta,
+            label_smoothing=t.label_smoothing, gamma=t.gamma, projection=b.projection, vocab_chunk=t.vocab_chunk,
+        )
+        shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+        featurizer = gradients.GradientFeaturizer(
+            model, settings, adam_state=adam, micro_batch=b.feature_batch_size,
+            mesh=run.mesh if b.feature_batch_size % shards == 0 else None,
+        )
+        batcher = PreferenceBatcher(data, featurizer.rows_per_call(), shuffle=False, buckets=run.buckets())
+        meta = {**dataclasses.asdict(settings), "warmup_steps": b.warmup_steps, "lora": dataclasses.asdict(run.config.lora),
+                "model": model_fingerprint(run), "data": data_fingerprint(data)}
+        log(f"[bpo] gradient features of {featurizer.num_params} parameters -> {b.proj_dim} dims")
+        gradients.extract_features(
+            batcher.epoch_batches(), featurizer, out_dir=out / "features", meta=meta, total=batcher.batches_per_epoch,
+            progress=jax.process_index() == 0,
+        )
+        features, index = gradients.read_feature_shards(out / "features")
+        if not np.array_equal(index, np.arange(len(kept))):
+            raise ValueError(f"{out / 'features'}: shards hold examples {index[:5].tolist()}..., not 0..{len(kept) - 1}")
+        clustering = depth.spherical_kmeans(features, b.num_clusters, seed=b.seed)
+        scores = depth.bpo_scores(features, clustering)
+        feature_report = {
+            "trainable": trainable, "num_params": featurizer.num_params, "proj_dim": b.proj_dim,
+            "warmup_steps": b.warmup_steps, "clusters": np.bincount(clustering.labels).tolist(),
+            "usefulness": scores.usefulness.tolist(),
+            "score": {"min": float(scores.scores.min()), "mean": float(scores.scores.mean()), "max": float(scores.scores.max())},
+        }
+
+    budget = b.budget or depth.default_budget(len(set(group.tolist())), len(kept))
+    allocation_input = depth.Candidates(group, margins, lengths, None if scores is None else scores.scores)
+    selected = depth.allocate(allocation_input, b.depth_allocator, budget, seed=b.seed)
+    depth.plot_depth(group, selected, out / "depth.png", title=f"BPO depth allocation ({b.depth_allocator}, M = {budget})")
+    if scores is not None:
+        depth.plot_scores(scores, selected, out / "scores.png")
+        for i in selected:
+            kept[i]["meta"].update(bpo_score=float(scores.scores[i]), bpo_cluster=int(clustering.labels[i]))
+    write_jsonl(run.train_pairs, (kept[i] for i in selected))
+    report = {"allocator": b.depth_allocator, "budget": budget, "candidates": candidate_report,
+              **depth.depth_report(group, selected), "features": feature_report,
+              "outputs": {"train_pairs": str(run.train_pairs), "candidates": str(candidates_path)}}
+    write_json(out / "bpo_report.json", report)
+    log(f"[bpo] {len(selected)} pairs -> {run.train_pairs} (depth {report['depth_candidates']['mean']:.2f} -> "
+        f"{report['depth_allocated']['mean']:.2f} pairs per prompt)")
 
 
 def model_fingerprint(run: Run) -> str:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from bpo_jax.config import config_from_dict
 from bpo_jax.depth import (
     Candidates,
     Clustering,
@@ -15,6 +19,8 @@ from bpo_jax.depth import (
     plot_scores,
     spherical_kmeans,
 )
+from bpo_jax.gradients import read_feature_shards
+from bpo_jax.pipeline import Run, stage_bpo
 
 
 def noisy_directions(directions: np.ndarray, counts, noise: float, seed: int = 0):
@@ -175,3 +181,108 @@ def test_clusters_against_the_descent_direction_get_no_depth(tmp_path):
     plot_scores(scores, selected, tmp_path / "scores.png")
     for name in ("depth.png", "scores.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- the pipeline stage -------------------------------------------------------------------------------
+
+TOKENIZER = Path(__file__).resolve().parent / "fixtures" / "data" / "tiny_tokenizer"
+
+
+def scored_file(path: Path, n_prompts: int = 6) -> Path:
+    """Scored groups over the tiny tokenizer's words w0..w99: 4 responses with distinct rewards each."""
+    rng = np.random.default_rng(0)
+    with open(path, "w") as f:
+        for i in range(n_prompts):
+            words = rng.integers(0, 100, size=(5, 4))
+            f.write(json.dumps({
+                "id": f"q{i}",
+                "prompt": " ".join(f"w{w}" for w in words[0]),
+                "responses": [" ".join(f"w{w}" for w in words[j, : 1 + j]) for j in range(1, 5)],
+                "rewards": rng.permutation(4).astype(float).tolist(),
+            }) + "\n")
+    return path
+
+
+def bpo_config(tmp_path: Path, **bpo) -> dict:
+    init = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    return config_from_dict({
+        "run_dir": str(tmp_path / "run"),
+        "model": {"init": init, "tokenizer": str(TOKENIZER)},
+        "data": {"scored": str(scored_file(tmp_path / "scored.jsonl")), "max_length": 32, "max_prompt_length": 16,
+                 "length_buckets": [32]},
+        "lora": {"rank": 2},
+        "train": {"batch_size": 8, "beta": 0.5, "optim": {"learning_rate": 0.01}},
+        "bpo": {"proj_dim": 64, "feature_batch_size": 8, "num_clusters": 2, **bpo},
+    })
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_stage_bpo_gradient_allocation_end_to_end_and_resume(tmp_path, capsys):
+    run = Run(bpo_config(tmp_path, warmup_steps=2))
+    stage_bpo(run)
+    out = run.root / "bpo"
+    candidates = read_jsonl(out / "candidate_pairs.jsonl")
+    report = json.loads((out / "bpo_report.json").read_text())
+    train = read_jsonl(run.train_pairs)
+    assert report["breadth"] == 6 and report["budget"] == default_budget(6, len(candidates)) == len(train)
+    assert report["depth_candidates"]["pairs"] == len(candidates) and report["depth_allocated"]["min"] >= 1
+    assert sorted({p["meta"]["prompt_id"] for p in train}) == [f"q{i}" for i in range(6)]
+    # LoRA rank 2 on q, k, v, o, gate, up, down (in -> out: 32->32, 32->16, 32->16, 32->32, 32->64,
+    # 32->64, 64->32): 2 * sum(in + out) = 2 * 512.
+    assert report["features"]["num_params"] == 1024 and report["features"]["trainable"] == "lora"
+    assert run.preference_data == run.train_pairs
+    assert (out / "warmup" / "checkpoints").exists() and (out / "depth.png").exists() and (out / "scores.png").exists()
+
+    # The allocation follows the scores of the saved features: each prompt's best, then the highest.
+    features, index = read_feature_shards(out / "features")
+    assert features.shape == (len(candidates), 64) and index.tolist() == list(range(len(candidates)))
+    scores = bpo_scores(features, spherical_kmeans(features, 2, seed=0)).scores
+    by_id = {c["id"]: i for i, c in enumerate(candidates)}
+    picked = np.array([by_id[p["id"]] for p in train])
+    np.testing.assert_allclose([p["meta"]["bpo_score"] for p in train], scores[picked], rtol=1e-6)
+    groups = np.array([int(c["meta"]["prompt_id"][1:]) for c in candidates])
+    best = {g: np.flatnonzero(groups == g)[np.argmax(scores[groups == g])] for g in range(6)}
+    extra = [i for i in picked if i != best[groups[i]]]
+    dropped = np.setdiff1d(np.arange(len(candidates)), picked)
+    assert set(best.values()) <= set(picked.tolist())
+    if extra and dropped.size:
+        assert scores[extra].min() >= scores[dropped].max()
+
+    # Done: skipped. Report lost: redone from the saved warm-up and features (nothing recomputed).
+    stage_bpo(run)
+    assert "[bpo] done already" in capsys.readouterr().out
+    shard_times = [p.stat().st_mtime_ns for p in sorted((out / "features").glob("features-*.npz"))]
+    (out / "bpo_report.json").unlink()
+    stage_bpo(run)
+    assert "[bpo-warmup] resumed from the checkpoint at step 2 of 2" in capsys.readouterr().out
+    assert [p.stat().st_mtime_ns for p in sorted((out / "features").glob("features-*.npz"))] == shard_times
+    assert read_jsonl(run.train_pairs) == train
+
+
+def test_stage_bpo_margin_allocator_and_off(tmp_path):
+    run = Run(bpo_config(tmp_path, depth_allocator="margin", budget=9))
+    stage_bpo(run)
+    train = read_jsonl(run.train_pairs)
+    candidates = read_jsonl(run.root / "bpo" / "candidate_pairs.jsonl")
+    assert len(train) == 9 and not (run.root / "bpo" / "features").exists()
+    margins = np.array([c["meta"]["margin"] for c in candidates])
+    groups = np.array([c["meta"]["prompt_id"] for c in candidates])
+    picked = {p["id"] for p in train}
+    best = {g: candidates[np.flatnonzero(groups == g)[np.argmax(margins[groups == g])]]["id"] for g in set(groups)}
+    assert set(best.values()) <= picked
+    extra = [m for c, m in zip(candidates, margins) if c["id"] in picked and c["id"] not in best.values()]
+    dropped = [m for c, m in zip(candidates, margins) if c["id"] not in picked]
+    assert min(extra) >= max(dropped)
+    # Candidates: distinct (chosen, rejected) per prompt, each naming the strategies that chose it.
+    keys = [(c["meta"]["prompt_id"], c["meta"]["chosen_index"], c["meta"]["rejected_index"]) for c in candidates]
+    assert len(keys) == len(set(keys)) and all(c["meta"]["strategies"] for c in candidates)
+
+    (tmp_path / "off").mkdir()
+    off = Run(bpo_config(tmp_path / "off", depth_allocator="off"))
+    stage_bpo(off)
+    assert not off.train_pairs.exists() and off.preference_data == off.pairs
