@@ -125,7 +125,7 @@ class DecodeSpec(NamedTuple):
     top_k: int
     top_p: float
     stop_ids: tuple[int, ...]
-    min_new_tokens: int = 0
+    min_new_tokens: int = 0  # reaches the loop as a traced value: changing it does not recompile
     pad_id: int = 0
     return_logits: bool = False  # keep every step's logits [B, max_new_tokens, V] (tests, analysis)
     cache_sharding: NamedSharding | None = None
@@ -138,7 +138,7 @@ class DecodeOutput(NamedTuple):
     logits: jax.Array | None  # float32 [B, max_new_tokens, V] when spec.return_logits
 
 
-def _decode(graphdef, state, ids, mask, prompt_index, sample_index, valid, seed, spec: DecodeSpec) -> DecodeOutput:
+def _decode(graphdef, state, ids, mask, prompt_index, sample_index, valid, seed, min_new_tokens, spec: DecodeSpec) -> DecodeOutput:
     model = nnx.merge(graphdef, state)
     b, p = ids.shape
     m = spec.max_new_tokens
@@ -156,7 +156,7 @@ def _decode(graphdef, state, ids, mask, prompt_index, sample_index, valid, seed,
     def emit(t, step_logits, carry):
         tokens, lengths, finished, done, logits_buf = carry
         keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, t)
-        allowed = jnp.where(t < spec.min_new_tokens, jnp.where(stops_vocab, -jnp.inf, step_logits), step_logits)
+        allowed = jnp.where(t < min_new_tokens, jnp.where(stops_vocab, -jnp.inf, step_logits), step_logits)
         tok = sample_tokens(allowed, keys, spec.temperature, spec.top_k, spec.top_p)
         tok = jnp.where(done, spec.pad_id, tok)
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, t))
@@ -214,7 +214,8 @@ def decode_batch(
     state = params_on_mesh(state, mesh)
     arrays = [(ids, np.int32), (mask, np.int32), (prompt_index, np.int32), (sample_index, np.int32), (valid, bool)]
     placed = [to_global(np.asarray(a, dtype), batch_sharding(mesh, np.ndim(a))) for a, dtype in arrays]
-    out = _decode_jit(graphdef, state, *placed, np.uint32(seed), spec=spec)
+    static = spec._replace(min_new_tokens=0)
+    out = _decode_jit(graphdef, state, *placed, np.uint32(seed), np.int32(spec.min_new_tokens), spec=static)
     return DecodeOutput(*(None if x is None else to_host(x) for x in out))
 
 
