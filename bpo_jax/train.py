@@ -168,7 +168,20 @@ class Trainer:
         self.tx, self.schedule = make_optimizer(cfg.optim, self.total_steps)
         self._initial_trainable: nnx.State | None = trainable
         self.reference_params = None
-        self._step = jax.jit(self._train_step_impl, donate_argnums=(0,))
+        abstract = TrainState(
+            step=jax.ShapeDtypeStruct((), jnp.int32),
+            params=trainable,
+            opt_state=jax.eval_shape(self.tx.init, trainable),
+            rng=jax.eval_shape(jax.random.PRNGKey, 0),
+        )
+        self._state_shardings = self.state_shardings(abstract)
+        # Pinned output shardings: without them XLA may hand back a differently sharded state
+        # (e.g. norms split over fsdp), which breaks the partition rules and recompiles step 2.
+        self._step = jax.jit(
+            self._train_step_impl,
+            donate_argnums=(0,),
+            out_shardings=(self._state_shardings, replicated(self.mesh)),
+        )
 
     # -- state ----------------------------------------------------------------------------------
     def init_state(self) -> TrainState:
@@ -183,7 +196,7 @@ class Trainer:
             opt_state=self.tx.init(params),
             rng=jax.random.PRNGKey(self.config.seed),
         )
-        return jax.device_put(state, self.state_shardings(state))
+        return jax.device_put(state, self._state_shardings)
 
     def state_shardings(self, state: TrainState) -> TrainState:
         shardings = state_shardings(state, self.mesh)
@@ -258,6 +271,11 @@ class DPOTrainer(Trainer):
 
     def _place(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
         """With train.packing, pack the padded host batch first (one micro-batch per row group)."""
+        if self.config.reference == "precomputed" and "ref_chosen_logps" not in batch:
+            raise ValueError(
+                "reference 'precomputed' needs batches with ref_chosen_logps/ref_rejected_logps "
+                "(TokenizedPairs.with_ref_logps, e.g. from precompute_reference_logps)"
+            )
         if self.config.packing and not is_packed(batch):
             shards = int(np.prod([self.mesh.shape[a] for a in BATCH_AXES]))
             batch = pack_batch(
