@@ -93,6 +93,16 @@ lora:
     assert config.sample == RunConfig().sample  # a section absent from the file keeps its defaults
 
 
+def test_yaml_1_2_booleans_off_is_a_string(tmp_path):
+    """`off`/`no` are strings (YAML 1.1 would make `depth_allocator: off` the boolean False)."""
+    path = write(tmp_path, BASE + "bpo:\n  depth_allocator: off\n  breadth_enabled: true\n")
+    config = load_config(path, ["data.skip_bad_rows=false"])
+    assert config.bpo.depth_allocator == "off" and config.bpo.breadth_enabled is True
+    assert config.data.skip_bad_rows is False
+    overridden = load_config(write(tmp_path, BASE, "plain.yaml"), ["bpo.depth_allocator=off"])
+    assert overridden.bpo.depth_allocator == "off"
+
+
 def test_override_replaces_file_value_and_later_override_wins(tmp_path):
     path = write(tmp_path, BASE + "  beta: 0.3\n")
     config = load_config(path, ["train.beta=0.5", "train.beta=0.7"])
