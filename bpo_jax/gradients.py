@@ -88,7 +88,7 @@ def path_string(path: Sequence[Any]) -> str:
     return "/".join(parts)
 
 
-def trainable_filter(trainable: str) -> Any:
+def subset_filter(trainable: str) -> Any:
     """An nnx filter: 'lora' -> nnx.LoRAParam; anything else is a regex searched in each
     nnx.Param's "/"-joined path."""
     if trainable == "lora":
@@ -231,7 +231,7 @@ def l2_normalize(x: jax.Array) -> jax.Array:
 # -- per-pair gradients -----------------------------------------------------------------------
 
 
-def _pair_loss(trainable, frozen, example, *, graphdef, loss_type, beta, label_smoothing, gamma, vocab_chunk):
+def pair_loss(trainable, frozen, example, *, graphdef, loss_type, beta, label_smoothing, gamma, vocab_chunk) -> jax.Array:
     """The loss of one pair (fields without the batch axis); mirrors DPOTrainer's loss."""
     batch = {k: v[None] for k, v in example.items()}
     model = nnx.merge(graphdef, trainable, frozen)
@@ -288,7 +288,7 @@ def _features(trainable, frozen, adam, batch, *, graphdef, settings: FeatureSett
     Module-level, so every featurizer of the same model graph and settings shares one compilation."""
     s = settings
     loss = partial(
-        _pair_loss,
+        pair_loss,
         graphdef=graphdef,
         loss_type=s.loss_type,
         beta=s.beta,
@@ -333,7 +333,7 @@ class GradientFeaturizer:
         self.settings = settings
         self.micro_batch = micro_batch
         self.mesh = mesh
-        self.graphdef, self.trainable, self.frozen = nnx.split(model, trainable_filter(settings.trainable), ...)
+        self.graphdef, self.trainable, self.frozen = nnx.split(model, subset_filter(settings.trainable), ...)
         flat = jax.tree_util.tree_flatten_with_path(self.trainable)[0]
         if not flat:
             raise ValueError(
@@ -345,12 +345,13 @@ class GradientFeaturizer:
         self.num_params = sum(self.leaf_sizes)
         self.adam = None if adam_state is None else self._align_adam(adam_state)
 
-    def rows_per_call(self, memory_bytes: int = 1 << 30, max_rows: int = 1024) -> int:
-        """A batch size for calls: whole micro-batches whose float32 gradients, held twice (raw and
-        preconditioned), fit in `memory_bytes`; at least one micro-batch, at most max_rows."""
+    def rows_per_call(self, examples: int, memory_bytes: int = 1 << 30, max_rows: int = 1024) -> int:
+        """A batch size for calls over `examples` pairs: whole micro-batches whose float32 gradients,
+        held twice (raw and preconditioned), fit in `memory_bytes`; at least one micro-batch, at
+        most max_rows, and no more micro-batches than the examples fill."""
         mb = max(self.micro_batch, 1)
-        fits = memory_bytes // (8 * self.num_params)
-        return max(mb, min(fits, max_rows) // mb * mb)
+        fits = min(memory_bytes // (8 * self.num_params), max_rows, -(-examples // mb) * mb)
+        return max(mb, fits // mb * mb)
 
     def _align_adam(self, adam: AdamMoments):
         """The moments flattened and concatenated in leaf order (a missing path is an error)."""

@@ -343,7 +343,7 @@ def stage_bpo(run: Run) -> None:
             model, settings, adam_state=adam, micro_batch=b.feature_batch_size,
             mesh=run.mesh if b.feature_batch_size % shards == 0 else None,
         )
-        batcher = PreferenceBatcher(data, featurizer.rows_per_call(), shuffle=False, buckets=run.buckets())
+        batcher = PreferenceBatcher(data, featurizer.rows_per_call(len(data)), shuffle=False, buckets=run.buckets())
         meta = {**dataclasses.asdict(settings), "warmup_steps": b.warmup_steps, "lora": dataclasses.asdict(run.config.lora),
                 "model": model_fingerprint(run), "data": data_fingerprint(data)}
         log(f"[bpo] gradient features of {featurizer.num_params} parameters -> {b.proj_dim} dims")

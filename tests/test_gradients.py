@@ -220,6 +220,16 @@ def test_adam_state_missing_a_trainable_leaf_is_an_error():
         GradientFeaturizer(model, FeatureSettings(proj_dim=8, chunk_size=64), adam_state=adam)
 
 
+def test_rows_per_call_fits_memory_in_whole_micro_batches():
+    featurizer = GradientFeaturizer(tiny_model(), FeatureSettings(proj_dim=8), micro_batch=8)
+    assert featurizer.num_params == 4 * 512  # LoRA rank 4: 4 * sum(in + out) over the 7 projections
+    per_row = 8 * featurizer.num_params  # float32, raw + preconditioned
+    assert featurizer.rows_per_call(1000, memory_bytes=per_row * 43) == 40
+    assert featurizer.rows_per_call(5, memory_bytes=per_row * 43) == 8  # one micro-batch holds them all
+    assert featurizer.rows_per_call(1000, memory_bytes=per_row) == 8  # never below one micro-batch
+    assert featurizer.rows_per_call(10**6, memory_bytes=1 << 40, max_rows=100) == 96
+
+
 def test_trainable_selecting_nothing_is_an_error():
     with pytest.raises(ValueError, match="no LoRA adapters"):
         GradientFeaturizer(tiny_model(lora_rank=0), FeatureSettings(proj_dim=8))
