@@ -21,6 +21,7 @@ from bpo_jax.config import ConfigError, LoraSection, ModelSection, OptimSection,
 from bpo_jax.data.batching import collate_pairs
 from bpo_jax.data.packing import first_fit_decreasing, is_packed, pack_batch, padding_fraction
 from bpo_jax.data.tokenize import RaggedTokens, TokenizedPairs
+from bpo_jax.losses import packed_sequence_logps
 from bpo_jax.models.config import ModelConfig
 from bpo_jax.models.llama import init_model
 from bpo_jax.models.lora import add_lora
@@ -216,3 +217,15 @@ def test_config_accepts_packing_single_host_only():
     config.distributed.num_processes = 2
     with pytest.raises(ConfigError, match="^train.packing: .*multi-host"):
         validate(config, check_files=False)
+
+
+def test_packed_sequence_logps_by_hand():
+    # Row: [seq 1: 3 tokens][seq 2: 3 tokens][pad]; entry t-1 of per_token scores token t.
+    segment_ids = jnp.array([[1, 1, 1, 2, 2, 2, 0]])
+    loss_mask = jnp.array([[0, 1, 1, 1, 1, 1, 0]])
+    per_token = jnp.array([[-1.0, -2.0, jnp.nan, -4.0, -8.0, jnp.nan]])
+    sums, means, n = packed_sequence_logps(per_token, loss_mask, segment_ids, num_sequences=3)
+    # Token 3 opens segment 2 (predicted from segment 1's last token): never scored, NaN ignored.
+    np.testing.assert_array_equal(np.asarray(sums), [-3.0, -12.0, 0.0])
+    np.testing.assert_array_equal(np.asarray(n), [2.0, 2.0, 0.0])
+    np.testing.assert_array_equal(np.asarray(means), [-1.5, -6.0, 0.0])
