@@ -232,7 +232,8 @@ def l2_normalize(x: jax.Array) -> jax.Array:
 
 
 def pair_loss(trainable, frozen, example, *, graphdef, loss_type, beta, label_smoothing, gamma, vocab_chunk) -> jax.Array:
-    """The loss of one pair (fields without the batch axis); mirrors DPOTrainer's loss."""
+    """The DPO-family loss of one pair (fields without the batch axis), as DPOTrainer computes it;
+    without ref_chosen_logps / ref_rejected_logps in `example` the reference log-probs are 0."""
     batch = {k: v[None] for k, v in example.items()}
     model = nnx.merge(graphdef, trainable, frozen)
     (pc, pr), (pc_mean, pr_mean) = concatenated_logps(model, batch, vocab_chunk)
