@@ -33,8 +33,8 @@ def make_rewards(n_prompts: int, n_responses: int, seed: int = 0) -> tuple[np.nd
     return rewards, np.arange(n_prompts + 1, dtype=np.int64) * n_responses
 
 
-def run(prompts: int = 1_000_000, responses: int = 32, loop_prompts: int = 20_000,
-        repeats: int = 3, strategy: str = DEFAULT_STRATEGY, seed: int = 0) -> dict:
+def measure(prompts: int = 1_000_000, responses: int = 32, loop_prompts: int = 20_000,
+            repeats: int = 3, strategy: str = DEFAULT_STRATEGY, seed: int = 0) -> dict:
     rewards, offsets = make_rewards(prompts, responses, seed)
     loop_prompts = min(loop_prompts, prompts)
     vec_times, loop_times = [], []
@@ -75,6 +75,20 @@ def run(prompts: int = 1_000_000, responses: int = 32, loop_prompts: int = 20_00
     }
 
 
+def run(size: str) -> list[dict]:
+    """The bench harness row (bench.run_all): the same 1M x 32 workload at every size (NumPy, host)."""
+    from bench.common import make_row
+
+    r = measure()
+    note = (f"{r['prompts']:,} prompts x {r['responses']} responses, strategy {r['strategy']}; loop timed on "
+            f"the first {r['loop_prompts']:,} prompts (results checked equal); {r['repeats']} alternating "
+            f"repetitions, median; whole selection {r['select_pairs_s']:.2f} s (target < {TARGET_SECONDS:.0f} s: "
+            f"{'met' if r['select_pairs_s'] < TARGET_SECONDS else 'MISSED'}).")
+    return [make_row("pair construction: select_pairs vs per-prompt loop", r["select_pairs_prompts_per_s"],
+                     r["loop_prompts_per_s"], "prompts/s", "python -m bench.bench_pairs", note=note,
+                     target=TARGET_SPEEDUP)]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=1_000_000)
@@ -84,8 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=STRATEGIES)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    return run(args.prompts, args.responses, args.loop_prompts, args.repeats, args.strategy,
-               args.seed)
+    return measure(args.prompts, args.responses, args.loop_prompts, args.repeats, args.strategy,
+                   args.seed)
 
 
 if __name__ == "__main__":

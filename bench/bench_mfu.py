@@ -1,0 +1,84 @@
+"""Model FLOPs utilization of the DPO train step, against the device's measured matmul peak.
+
+    python -m bench.bench_mfu [--size cpu|gpu]
+
+Model FLOPs per token come from the config (`ModelConfig.flops_per_token`: 6 N for the matmul
+parameters, LM head included, plus the causal attention term). The step runs with precomputed
+reference log-probs, so it does exactly one forward and one backward of the policy and its
+model FLOPs are tokens x flops_per_token. The peak is what a plain `jnp.matmul` of two square
+matrices reaches on the same device, in the same process, timed in alternation with the step.
+The row reads: ours = achieved FLOP/s, peer = measured peak, ratio = MFU.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.bench_dpo import OPTIM, SETTINGS, OursWorker, make_data, model_config
+from bench.common import Worker, bench_main, interleave, is_serve_call, make_row, median, serve
+
+TITLE = "Model FLOPs utilization (MFU)"
+# Matmul size and dtype for the peak, and the step's compute dtype, per size.
+PEAK = {"cpu": {"n": 2048, "dtype": "float32", "repeats": 3}, "gpu": {"n": 8192, "dtype": "bfloat16", "repeats": 20}}
+STEP_DTYPE = {"cpu": "float32", "gpu": "bfloat16"}
+
+
+class MfuWorker(OursWorker):
+    """The DPO worker plus a square matmul to measure the device's peak."""
+
+    def peak_setup(self, n: int, dtype: str, repeats: int) -> dict:
+        import jax
+        import jax.numpy as jnp
+
+        keys = jax.random.split(jax.random.key(0), 2)
+        self.a, self.b = (jax.random.normal(k, (n, n), dtype) for k in keys)
+        self.matmul = jax.jit(lambda a, b: a @ b)
+        self.n, self.repeats = n, repeats
+        self.matmul(self.a, self.b).block_until_ready()  # compile
+        return {"device": str(jax.devices()[0]), "device_kind": jax.devices()[0].device_kind}
+
+    def peak_measure(self) -> dict:
+        start = time.perf_counter()
+        for _ in range(self.repeats):
+            out = self.matmul(self.a, self.b)
+        out.block_until_ready()
+        seconds = time.perf_counter() - start
+        return {"flops_per_s": 2 * self.n**3 * self.repeats / seconds}
+
+
+def run(size: str) -> list[dict]:
+    s, peak = SETTINGS[size], PEAK[size]
+    seq = s["prompt_len"] + s["response_len"]
+    with tempfile.TemporaryDirectory(prefix="bench-mfu-") as tmp:
+        data_path = Path(tmp) / "data.json"
+        data_path.write_text(json.dumps(
+            make_data(s["batch_size"] * 4, s["prompt_len"], s["response_len"], s["model"]["vocab_size"])))
+        with Worker("bpo_jax", sys.executable, "bench.bench_mfu") as w:
+            setup = w.call("dpo_setup", model=s["model"], export_dir="", data_path=str(data_path),
+                           batch_size=s["batch_size"], warmup_steps=s["warmup"], reference="precomputed",
+                           dtype=STEP_DTYPE[size], **OPTIM)
+            device = w.call("peak_setup", **peak)
+            blocks = interleave({"step": lambda: w.call("dpo_measure", steps=s["steps"]),
+                                 "peak": lambda: w.call("peak_measure")}, s["repeats"])
+    config = model_config(s["model"])
+    flops_per_token = config.flops_per_token(seq)
+    tokens = setup["tokens_per_step"]
+    achieved = median([tokens * len(b["seconds"]) / sum(b["seconds"]) for b in blocks["step"]]) * flops_per_token
+    peak_flops = median([b["flops_per_s"] for b in blocks["peak"]])
+    note = (f"{device['device_kind']} ({device['device']}); model {config.num_params():,} params, "
+            f"{flops_per_token / 1e6:,.1f} MFLOP/token at {seq} tokens (6N + attention), step in {STEP_DTYPE[size]}, "
+            f"full fine-tuning, reference log-probs precomputed; peak = {peak['n']}x{peak['n']} {peak['dtype']} "
+            f"jnp.matmul; {s['repeats']} interleaved blocks, median. ratio = MFU.")
+    return [make_row("MFU: DPO train step, achieved vs peak matmul", achieved / 1e9, peak_flops / 1e9,
+                     "GFLOP/s (peer column: measured peak)", f"python -m bench.bench_mfu --size {size}", note=note)]
+
+
+if __name__ == "__main__":
+    if is_serve_call():
+        serve(MfuWorker())
+    else:
+        bench_main(run, __doc__.splitlines()[0])

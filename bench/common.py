@@ -1,0 +1,313 @@
+"""Benchmark plumbing shared by every bench module and by the peer worker.
+
+Standard library only: the peer side (bench/peer_trl.py) imports this module from its own virtual
+environment, where neither JAX nor bpo_jax is installed.
+
+How a side-by-side measurement works: each side (ours, the peer) runs in its own worker process
+(`Worker`), driven over stdin/stdout with one JSON object per line. Both workers are set up (models
+built, code compiled, warm-up done) before any timing; then `interleave` asks them for one timed
+block after the other, alternating which goes first, so a change in machine load hits both
+sides alike. Each side's figure is the median over the blocks. Separate processes also give each
+side a clean peak-memory reading (the kernel's peak RSS counter is reset before each block).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+SIZES = ("cpu", "gpu")  # cpu: fits the 2-core CI machine; gpu: a GPU/TPU host
+
+PEER_VENV = REPO / "bench" / ".peer-venv"
+PEER_PYTHON_ENV = "BPO_BENCH_PEER_PYTHON"  # use this interpreter for the peer instead of creating a venv
+# Installed in that order: the CPU torch wheel first, so the others do not pull a CUDA build.
+PEER_REQUIREMENTS = (("torch==2.13.0",), ("transformers==5.23.0", "trl==1.16.0", "peft==0.21.2"))
+JEMALLOC_ENV = "BPO_BENCH_JEMALLOC"  # path of libjemalloc.so to preload into the peer
+JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+                  "/usr/lib64/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so")
+
+
+# -- the peer's environment ----------------------------------------------------------------------
+def peer_python() -> str:
+    """The interpreter of the peer's virtual environment (PyTorch, transformers, TRL, PEFT).
+
+    $BPO_BENCH_PEER_PYTHON when set; otherwise bench/.peer-venv, created on first use.
+    """
+    given = os.environ.get(PEER_PYTHON_ENV)
+    if given:
+        if not Path(given).exists():
+            raise FileNotFoundError(f"${PEER_PYTHON_ENV}={given}: no such interpreter")
+        return given
+    python = PEER_VENV / "bin" / "python"
+    ready = PEER_VENV / ".installed"
+    if not ready.exists():
+        print(f"creating the peer environment in {PEER_VENV} (one time)", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(PEER_VENV)], check=True)
+        for group in PEER_REQUIREMENTS:
+            subprocess.run([str(python), "-m", "pip", "install", "--quiet", *group], check=True)
+        ready.write_text("\n".join(" ".join(g) for g in PEER_REQUIREMENTS) + "\n")
+    return str(python)
+
+
+def jemalloc_path() -> str | None:
+    """A jemalloc shared library to LD_PRELOAD into the peer ($BPO_BENCH_JEMALLOC, else a system one)."""
+    given = os.environ.get(JEMALLOC_ENV)
+    if given:
+        return given if Path(given).exists() else None
+    return next((p for p in JEMALLOC_PATHS if Path(p).exists()), None)
+
+
+def peer_variants() -> dict[str, dict[str, str]]:
+    """The allocator settings the peer is measured under: glibc malloc, and jemalloc when present.
+
+    PyTorch on CPU is allocator-bound on large-vocabulary logits, so the peer is compared at its best.
+    """
+    variants = {"glibc malloc": {}}
+    jemalloc = jemalloc_path()
+    if jemalloc:
+        variants["jemalloc"] = {"LD_PRELOAD": jemalloc}
+    return variants
+
+
+# -- memory (Linux /proc) ------------------------------------------------------------------------
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def rss_mib() -> float:
+    """Resident memory of this process now."""
+    return _status_kib("VmRSS") / 1024
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process since start or the last `reset_peak_rss`."""
+    return _status_kib("VmHWM") / 1024
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS counter, so setup and compilation do not count in the peak."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+# -- worker processes ----------------------------------------------------------------------------
+class WorkerError(RuntimeError):
+    """A worker process failed; the message carries its error and the tail of its stderr."""
+
+
+class Worker:
+    """A benchmark side in its own process: `python -m <module> --serve`, one JSON request per line."""
+
+    def __init__(self, name: str, python: str, module: str, env: dict[str, str] | None = None):
+        self.name = name
+        self._log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)
+        self.log_path = self._log.name
+        self._proc = subprocess.Popen(
+            [python, "-m", module, "--serve"],
+            cwd=REPO,
+            env={**os.environ, **(env or {})},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+        )
+
+    def call(self, op: str, **kwargs: Any) -> dict:
+        """Send one request and wait for its answer."""
+        if not op.endswith("measure"):
+            print(f"[bench]   {self.name}: {op}", file=sys.stderr, flush=True)
+        try:
+            self._proc.stdin.write(json.dumps({"op": op, **kwargs}) + "\n")
+            self._proc.stdin.flush()
+            line = self._proc.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:
+            raise WorkerError(f"worker {self.name} exited during {op!r}:\n{self._stderr_tail()}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise WorkerError(f"worker {self.name} failed in {op!r}: {reply['error']}\n{self._stderr_tail()}")
+        return reply
+
+    def _stderr_tail(self, chars: int = 4000) -> str:
+        self._log.flush()
+        return Path(self.log_path).read_text(errors="replace")[-chars:]
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.stdin.close()
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._log.close()
+        os.unlink(self.log_path)
+
+    def __enter__(self) -> "Worker":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def serve(handler: object) -> None:
+    """Worker side: answer requests from stdin with `handler.<op>(**kwargs)`, one JSON line each.
+
+    Library output that goes to stdout (progress bars, prints) is diverted to stderr so it cannot
+    corrupt the protocol.
+    """
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    for line in sys.stdin:
+        request = json.loads(line)
+        op = request.pop("op")
+        try:
+            reply = getattr(handler, op)(**request)
+        except Exception as e:  # reported to the driver, which raises WorkerError
+            traceback.print_exc()
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+def is_serve_call(argv: Sequence[str] | None = None) -> bool:
+    return "--serve" in (sys.argv[1:] if argv is None else argv)
+
+
+def bench_main(run: Callable[[str], list[dict]], description: str, argv: Sequence[str] | None = None) -> list[dict]:
+    """The command line of one bench module: `--size`, then the rows as a markdown table."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--size", default="cpu", choices=SIZES)
+    args = parser.parse_args(argv)
+    rows = run(args.size)
+    print(markdown_table(rows))
+    for r in rows:
+        if r.get("note"):
+            print(f"- {r['workload']}: {r['note']}")
+    return rows
+
+
+# -- timing --------------------------------------------------------------------------------------
+def interleave(sides: dict[str, Callable[[], dict]], repeats: int) -> dict[str, list[dict]]:
+    """Call each side's timed block `repeats` times, alternating the order (ABBA...)."""
+    names = list(sides)
+    results: dict[str, list[dict]] = {name: [] for name in names}
+    for rep in range(repeats):
+        for name in names if rep % 2 == 0 else reversed(names):
+            seconds, result = timed(sides[name])
+            results[name].append(result)
+            print(f"[bench]   block {rep + 1}/{repeats} {name}: {seconds:.1f} s", file=sys.stderr, flush=True)
+    return results
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """(seconds, result) of one call."""
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+# -- rows and the report -------------------------------------------------------------------------
+def make_row(
+    workload: str,
+    ours: float,
+    peer: float,
+    unit: str,
+    command: str,
+    *,
+    lower_is_better: bool = False,
+    note: str = "",
+    target: float | None = None,
+) -> dict:
+    """One table row; `ratio` is how many times better ours is (ours/peer, or peer/ours when lower
+    is better); `target` is the ratio the issue asks for, if any."""
+    ratio = (peer / ours if lower_is_better else ours / peer) if ours and peer else float("nan")
+    return {"workload": workload, "ours": ours, "peer": peer, "ratio": ratio, "unit": unit,
+            "command": command, "note": note, "target": target}
+
+
+def machine_description() -> dict[str, str]:
+    """What the numbers were measured on: CPU, cores usable, memory, OS, Python, load."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem_kib = next(int(l.split()[1]) for l in Path("/proc/meminfo").read_text().splitlines()
+                       if l.startswith("MemTotal:"))
+        memory = f"{mem_kib / 1024**2:.1f} GiB"
+    except (OSError, StopIteration):
+        memory = "unknown"
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return {
+        "cpu": f"{cpu} ({os.cpu_count()} logical CPUs, {usable} usable)",
+        "memory": memory,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "load average (1/5/15 min) at start": load,
+    }
+
+
+def _fmt(x: float) -> str:
+    if x != x:  # NaN
+        return "n/a"
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    if abs(x) >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3g}"
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    lines = ["| workload | ours | peer | ratio | target | unit | command |", "|---|---:|---:|---:|---|---|---|"]
+    for r in rows:
+        target = r.get("target")
+        verdict = "" if target is None else f">= {target:g}x: {'met' if r['ratio'] >= target else 'MISSED'}"
+        lines.append(f"| {r['workload']} | {_fmt(r['ours'])} | {_fmt(r['peer'])} | {_fmt(r['ratio'])}x "
+                     f"| {verdict} | {r['unit']} | `{r['command']}` |")
+    return "\n".join(lines)
+
+
+def render_report(sections: Sequence[tuple[str, list[dict], str]], machine: dict[str, str],
+                  preamble: str, command: str) -> str:
+    """The markdown document: machine, then per section a table and its notes."""
+    parts = [preamble.strip(), "", f"Produced by `{command}` on {time.strftime('%Y-%m-%d %H:%M %Z')}.", "",
+             "## Machine", ""]
+    parts += [f"- {k}: {v}" for k, v in machine.items()]
+    for title, rows, notes in sections:
+        parts += ["", f"## {title}", ""]
+        if rows:
+            parts.append(markdown_table(rows))
+            row_notes = [f"- {r['workload']}: {r['note']}" for r in rows if r.get("note")]
+            if row_notes:
+                parts += [""] + row_notes
+        if notes:
+            parts += ["", notes.strip()]
+    return "\n".join(parts) + "\n"
