@@ -104,6 +104,26 @@ def test_top_p_always_keeps_the_top_token():
     np.testing.assert_allclose(probs, [0, 1, 0], atol=0)
 
 
+def test_filters_keep_ties_with_the_last_kept_token():
+    # top_k = 2 over [3, 1, 1, 1, 0, -2]: the three 1s tie for second place and all stay.
+    probs = np.exp(np.asarray(sampling_logprobs(jnp.asarray([3.0, 1, 1, 1, 0, -2]), 1.0, 2, 1.0), np.float64))
+    e = np.exp([3.0, 1, 1, 1])
+    np.testing.assert_allclose(probs, np.concatenate([e / e.sum(), [0, 0]]), atol=1e-6)
+    # top_p = 0.8 over [2, 0, 0, -1]: p = 0.757, 0.103, 0.103, 0.038; the mass before the first 0
+    # is 0.757 < 0.8, so 0 is the cutoff and both 0s stay.
+    probs = np.exp(np.asarray(sampling_logprobs(jnp.asarray([2.0, 0, 0, -1]), 1.0, 0, 0.8), np.float64))
+    e = np.exp([2.0, 0, 0])
+    np.testing.assert_allclose(probs, np.concatenate([e / e.sum(), [0]]), atol=1e-6)
+
+
+def test_filters_at_full_vocabulary_size():
+    logits = np.random.default_rng(1).normal(0, 3, (3, 32000)).astype(np.float32)
+    got = np.exp(np.asarray(sampling_logprobs(jnp.asarray(logits), 0.9, 50, 0.9), np.float64))
+    want = np.stack([reference_probs(row, 0.9, 50, 0.9) for row in logits])
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert all(1 < (w > 0).sum() < 50 for w in want)
+
+
 @pytest.mark.parametrize("temperature,top_k,top_p", SETTINGS[1:4])
 def test_sample_frequencies_follow_the_distribution(temperature, top_k, top_p):
     """20k draws: chi-square goodness of fit at p = 0.001 (fixed keys, so deterministic), no excluded token."""
