@@ -23,7 +23,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 import tokenizers
-from gguf import GGUFReader, GGUFValueType
+from gguf import GGUFReader
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
@@ -125,18 +125,20 @@ class GGUFFile:
             raise GGUFError(f"{self.path}: metadata key {key!r} missing")
         return self.get(key)
 
-    def is_array(self, key: str) -> bool:
-        return self.reader.fields[key].types[:1] == [GGUFValueType.ARRAY]
-
     @property
     def architecture(self) -> str:
         arch = self.require("general.architecture")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise GGUFError(
                 f"{self.path}: metadata 'general.architecture' is {arch!r}; the GGUF importer supports "
-                f"{list(SUPPORTED_ARCHITECTURES)} (Llama 2/3, Mistral, SmolLM and other Llama-family files)"
+                f"{list(SUPPORTED_ARCHITECTURES)} (Llama-family files: Llama, Mistral, SmolLM)"
             )
         return arch
+
+
+def open_gguf(source: str | Path | GGUFFile) -> GGUFFile:
+    """A GGUFFile for a path (parsing the header costs seconds: pass one file to both loaders)."""
+    return source if isinstance(source, GGUFFile) else GGUFFile(source)
 
 
 # -- model ------------------------------------------------------------------------------------------
@@ -200,11 +202,6 @@ def unpermute_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
     rows = weight.shape[0]
     half = rows // num_heads // 2
     return weight.reshape(num_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-
-
-def open_gguf(source: "str | Path | GGUFFile") -> "GGUFFile":
-    """A GGUFFile for a path (parsing the header costs seconds: pass one file to both loaders)."""
-    return source if isinstance(source, GGUFFile) else GGUFFile(source)
 
 
 def load_gguf_model(
