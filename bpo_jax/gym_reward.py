@@ -5,7 +5,7 @@ arguments of `reasoning_gym.create_dataset(name, **options)`; `size` and `seed` 
 One generated dataset serves both sides:
 
 - prompts: `write_gym_prompts` writes its questions as chat prompts, the last `num_eval` held out
-  (`python -m bpo_jax.gym_reward TASK --config '{"size": 200, "seed": 1}' --eval 40 OUT_DIR`);
+  (`python -m bpo_jax.gym_reward TASK OUT_DIR --config '{"size": 200, "seed": 1}' --eval 40 [--system TEXT]`);
 - reward: the scorer regenerates the same dataset, finds each prompt's entry by its question (the
   last user message, or the whole prompt when it is plain text) and returns
   `dataset.score_answer(answer, entry)` in [0, 1], where the answer is the text inside the last
@@ -64,15 +64,21 @@ def question_of(prompt: Text) -> str:
     return users[-1]
 
 
-def gym_prompt_records(task: str, options: dict[str, Any]) -> list[dict[str, Any]]:
-    """{id, prompt} records, one chat prompt per generated question, in dataset order."""
+def gym_prompt_records(task: str, options: dict[str, Any], system_prompt: str | None = None) -> list[dict[str, Any]]:
+    """{id, prompt} records, one chat prompt per generated question (after `system_prompt`, if
+    given: instructions go there, so the user message stays the question the scorer looks up)."""
     dataset = create_gym_dataset(task, options)
-    return [{"id": f"{task}-{i}", "prompt": [{"role": "user", "content": e["question"]}]} for i, e in enumerate(dataset)]
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [
+        {"id": f"{task}-{i}", "prompt": system + [{"role": "user", "content": e["question"]}]} for i, e in enumerate(dataset)
+    ]
 
 
-def write_gym_prompts(task: str, options: dict[str, Any], out_dir: str | Path, num_eval: int) -> tuple[Path, Path]:
+def write_gym_prompts(
+    task: str, options: dict[str, Any], out_dir: str | Path, num_eval: int, system_prompt: str | None = None
+) -> tuple[Path, Path]:
     """prompts.jsonl (the first size - num_eval questions) and eval_prompts.jsonl (the rest)."""
-    records = gym_prompt_records(task, options)
+    records = gym_prompt_records(task, options, system_prompt)
     if not 0 < num_eval < len(records):
         raise RewardError(f"gym prompts: num_eval={num_eval} must be in [1, size={len(records)})")
     out_dir = Path(out_dir)
@@ -114,8 +120,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("out_dir", help="directory for prompts.jsonl and eval_prompts.jsonl")
     parser.add_argument("--config", default="{}", help='task options as JSON, e.g. \'{"size": 200, "seed": 1}\'')
     parser.add_argument("--eval", type=int, required=True, help="held-out questions (the dataset's last ones)")
+    parser.add_argument("--system", default=None, help="a system message put before every question")
     args = parser.parse_args(argv)
-    train, held_out = write_gym_prompts(args.task, json.loads(args.config), args.out_dir, args.eval)
+    train, held_out = write_gym_prompts(args.task, json.loads(args.config), args.out_dir, args.eval, args.system)
     print(f"wrote {train} and {held_out}")
 
 

@@ -67,6 +67,12 @@ def test_right_wrong_and_partial_answers(records, scorer):
             prompts.append(r["prompt"])
             responses.append(response)
             expected.append(reward)
+    # Instructions in a system message: the question is still the user message.
+    instructed = gym_prompt_records(TASK, OPTIONS, system_prompt="Reply with just the number.")
+    assert instructed[0]["prompt"] == [{"role": "system", "content": "Reply with just the number."}, records[0]["prompt"][0]]
+    prompts.append(instructed[0]["prompt"])
+    responses.append(right_answer(records[0]["prompt"][0]["content"]))
+    expected.append(1.0)
     # A plain-text prompt is its own question.
     prompts.append(records[0]["prompt"][0]["content"])
     responses.append(right_answer(records[0]["prompt"][0]["content"]))
