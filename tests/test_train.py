@@ -21,7 +21,7 @@ from bpo_jax.models.config import ModelConfig
 from bpo_jax.models.llama import init_model
 from bpo_jax.models.lora import add_lora
 from bpo_jax.sharding import make_mesh, param_partition_spec, shard_model
-from bpo_jax.train import DPOTrainer, SFTTrainer, concatenated_logps, fit, precompute_reference_logps
+from bpo_jax.train import DPOTrainer, SFTTrainer, fit, precompute_reference_logps
 
 # Dimensions divide by 4 (fsdp) and 2 (tensor), so the partition rules really split parameters.
 TINY = ModelConfig(
