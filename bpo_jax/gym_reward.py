@@ -77,10 +77,19 @@ def gym_prompt_records(task: str, options: dict[str, Any], system_prompt: str | 
 def write_gym_prompts(
     task: str, options: dict[str, Any], out_dir: str | Path, num_eval: int, system_prompt: str | None = None
 ) -> tuple[Path, Path]:
-    """prompts.jsonl (the first size - num_eval questions) and eval_prompts.jsonl (the rest)."""
-    records = gym_prompt_records(task, options, system_prompt)
+    """prompts.jsonl and eval_prompts.jsonl (the last num_eval questions), each question once.
+
+    Small task settings repeat questions; a repeat is dropped so that no held-out question is
+    also a training question.
+    """
+    records, seen = [], set()
+    for record in gym_prompt_records(task, options, system_prompt):
+        question = question_of(record["prompt"])
+        if question not in seen:
+            seen.add(question)
+            records.append(record)
     if not 0 < num_eval < len(records):
-        raise RewardError(f"gym prompts: num_eval={num_eval} must be in [1, size={len(records)})")
+        raise RewardError(f"gym prompts: num_eval={num_eval} must be in [1, {len(records)}) (the distinct questions)")
     out_dir = Path(out_dir)
     train, held_out = out_dir / "prompts.jsonl", out_dir / "eval_prompts.jsonl"
     write_jsonl(train, records[:-num_eval])

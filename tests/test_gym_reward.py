@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("reasoning_gym", reason="optional asset package reasoning-gym not installed: pip install reasoning-gym (make install does it)")
 
+from bpo_jax.config import load_config  # noqa: E402
 from bpo_jax.gym_reward import extract_answer, gym_prompt_records, write_gym_prompts  # noqa: E402
 from bpo_jax.rewards import RewardConfig, RewardError, build_scorer, read_groups, score_stage  # noqa: E402
 
@@ -103,9 +105,21 @@ def test_score_stage_with_gym_reward(records, scorer, tmp_path):
 def test_write_gym_prompts_holds_out_the_last_questions(records, tmp_path):
     train, held_out = write_gym_prompts(TASK, OPTIONS, tmp_path, num_eval=3)
     read = lambda p: [json.loads(line) for line in p.read_text().splitlines()]  # noqa: E731
+    assert len({r["prompt"][0]["content"] for r in records}) == len(records)  # no repeats at this size
     assert read(train) == records[:-3] and read(held_out) == records[-3:]
-    with pytest.raises(RewardError, match=r"num_eval=12 must be in \[1, size=12\)"):
+    with pytest.raises(RewardError, match=r"num_eval=12 must be in \[1, 12\) \(the distinct questions\)"):
         write_gym_prompts(TASK, OPTIONS, tmp_path, num_eval=12)
+
+
+def test_repeated_questions_are_written_once_and_never_held_out_and_trained(tmp_path):
+    small = {"size": 60, "seed": 0, "min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1,
+             "operators": ["+"], "allow_parentheses": False, "allow_negation": False}  # 10 x 10 sums: repeats
+    questions = [r["prompt"][0]["content"] for r in gym_prompt_records(TASK, small)]
+    distinct = list(dict.fromkeys(questions))
+    assert len(distinct) < len(questions)
+    train, held_out = write_gym_prompts(TASK, small, tmp_path, num_eval=10)
+    read = lambda p: [json.loads(line)["prompt"][0]["content"] for line in p.read_text().splitlines()]  # noqa: E731
+    assert read(train) == distinct[:-10] and read(held_out) == distinct[-10:]
 
 
 def test_bad_gym_settings_are_named(scorer):
@@ -117,3 +131,16 @@ def test_bad_gym_settings_are_named(scorer):
         RewardConfig(kind="gym")
     with pytest.raises(RewardError, match="'Calculate 1 \\+ 1\\.' is not one of the task's generated questions"):
         scorer([[{"role": "user", "content": "Calculate 1 + 1."}]], ["2"])
+
+
+def test_committed_smollm2_prompts_are_what_the_config_generates(tmp_path):
+    """configs/smollm2_gym.yaml scores with reward.gym_config: its committed prompt files must be
+    exactly what that config writes, or the scorer would not know their questions."""
+    root = Path(__file__).resolve().parents[1]
+    config = load_config(root / "configs" / "smollm2_gym.yaml", check_files=False)
+    committed = [root / config.data.prompts, root / config.data.eval_prompts]
+    system = json.loads(committed[0].read_text().splitlines()[0])["prompt"][0]["content"]
+    num_eval = len(committed[1].read_text().splitlines())
+    written = write_gym_prompts(config.reward.gym_task, config.reward.gym_config, tmp_path, num_eval, system)
+    for ours, theirs in zip(written, committed):
+        assert ours.read_text() == theirs.read_text(), theirs
