@@ -380,6 +380,8 @@ def fit(
         if hasattr(batches, "set_state"):
             batches.set_state(data_state)
         start = int(state.step)
+        if jax.process_index() == 0:
+            print(f"[{name}] resumed from the checkpoint at step {start} of {num_steps}", flush=True)
     logger = MetricsLogger(run_dir, start_step=start, total_steps=num_steps, name=name)
     step = start
     try:
