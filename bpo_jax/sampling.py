@@ -94,12 +94,16 @@ def sampling_logprobs(logits: jax.Array, temperature: float, top_k: int = 0, top
     if temperature <= 0:
         raise ValueError("temperature 0 is greedy decoding, not a distribution")
     x = logits.astype(jnp.float32) / temperature
+    candidates = x  # the tokens the nucleus is looked for in
     if 0 < top_k < x.shape[-1]:
-        keys = _order_keys(x)  # keep the k largest: the mass above the cutoff counts tokens
-        x = jnp.where(keys >= _cutoff_key(keys, jnp.ones_like(x), top_k), x, -jnp.inf)
+        # The barrier keeps XLA's CPU backend from rewriting top_k into a sort of the whole
+        # vocabulary (~100x slower at V = 32k, per decode step).
+        candidates = jax.lax.optimization_barrier(jax.lax.top_k(x, top_k)[0])
+        x = jnp.where(x >= candidates[..., -1:], x, -jnp.inf)
     if top_p < 1.0:
-        keys = _order_keys(x)  # keep the nucleus: the mass above the cutoff is probability
-        x = jnp.where(keys >= _cutoff_key(keys, jax.nn.softmax(x, axis=-1), top_p), x, -jnp.inf)
+        probs = jnp.exp(candidates - jax.nn.logsumexp(x, axis=-1, keepdims=True))
+        cutoff = _cutoff_key(_order_keys(candidates), probs, top_p)
+        x = jnp.where(_order_keys(x) >= cutoff, x, -jnp.inf)
     return jax.nn.log_softmax(x, axis=-1)
 
 
@@ -109,21 +113,21 @@ def _order_keys(x: jax.Array) -> jax.Array:
     return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
 
 
-def _cutoff_key(keys: jax.Array, weights: jax.Array, limit: float) -> jax.Array:
-    """Per row, the smallest key (always one of a token's) whose strictly larger tokens weigh < limit.
+def _cutoff_key(keys: jax.Array, probs: jax.Array, top_p: float) -> jax.Array:
+    """Per row, the smallest candidate key whose strictly larger candidates hold < top_p of the mass.
 
-    Keeping keys >= the cutoff keeps the top-k tokens (weights 1, limit k) or the nucleus (weights
-    = probabilities, limit top_p), ties included. Bisection over the 32-bit key space: 32 passes of
-    compare-and-sum, where a sort (which XLA's CPU backend also makes of top_k) of a 32k
-    vocabulary costs ~100x more per decode step.
+    Keeping the tokens with keys >= the cutoff keeps the nucleus, ties included: the smallest
+    set of most likely tokens whose mass reaches top_p. Found by bisection over the 32-bit key
+    space (32 passes of compare-and-sum) rather than by sorting, which on CPU costs ~100x more
+    for a whole vocabulary.
     """
-    lo = jnp.min(keys, axis=-1, keepdims=True) - 1  # every token above: weighs >= limit
-    hi = jnp.max(keys, axis=-1, keepdims=True)  # no token above: weighs 0 < limit
+    lo = jnp.min(keys, axis=-1, keepdims=True) - 1  # below every candidate: never the answer
+    hi = jnp.max(keys, axis=-1, keepdims=True)  # no candidate above it: mass 0 < top_p
 
     def halve(_, bounds):
         lo, hi = bounds
         mid = lo + (hi - lo) // 2
-        light = jnp.sum(jnp.where(keys > mid, weights, 0), axis=-1, keepdims=True) < limit
+        light = jnp.sum(jnp.where(keys > mid, probs, 0), axis=-1, keepdims=True) < top_p
         return jnp.where(light, lo, mid), jnp.where(light, mid, hi)
 
     return jax.lax.fori_loop(0, 32, halve, (lo, hi))[1]
@@ -133,8 +137,37 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: float, top_k:
     """One token per row of logits [B, V] with its own key (keys [B]); argmax when temperature is 0."""
     if temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logp = sampling_logprobs(logits, temperature, top_k, top_p)
-    return jax.vmap(jax.random.categorical)(keys, logp).astype(jnp.int32)
+    probs = jnp.exp(sampling_logprobs(logits, temperature, top_k, top_p))
+    return inverse_cdf_sample(probs, jax.vmap(jax.random.uniform)(keys))
+
+
+_CDF_BLOCK = 256
+
+
+def inverse_cdf_sample(probs: jax.Array, u: jax.Array) -> jax.Array:
+    """Per row of probs [B, V] (>= 0), the index i with cdf[i-1] <= u * total < cdf[i] (u [B] in [0, 1)).
+
+    Exact categorical sampling from one uniform number per row. The cumulative sum runs over
+    blocks of the vocabulary, then inside the chosen block: O(V) work, where Gumbel-max draws V
+    random numbers and takes two logs of each (on CPU, more than the decode step's forward at
+    V = 32k). A token of probability 0 is never returned, whatever the rounding.
+    """
+    b, v = probs.shape
+    blocks = jnp.pad(probs, ((0, 0), (0, -v % _CDF_BLOCK))).reshape(b, -1, _CDF_BLOCK)
+    block_mass = blocks.sum(axis=-1)
+    block_cdf = jnp.cumsum(block_mass, axis=-1)
+    target = u * block_cdf[:, -1]
+    j = jnp.minimum(jnp.sum(block_cdf <= target[:, None], axis=-1), _last_true(block_mass > 0))
+    before = jnp.where(j > 0, jnp.take_along_axis(block_cdf, jnp.maximum(j - 1, 0)[:, None], axis=1)[:, 0], 0.0)
+    inside = jnp.take_along_axis(blocks, j[:, None, None], axis=1)[:, 0]
+    k = jnp.sum(jnp.cumsum(inside, axis=-1) <= (target - before)[:, None], axis=-1)
+    k = jnp.minimum(k, _last_true(inside > 0))
+    return (j * _CDF_BLOCK + k).astype(jnp.int32)
+
+
+def _last_true(mask: jax.Array) -> jax.Array:
+    """Index of the last True along the last axis (rows are assumed to have one)."""
+    return mask.shape[-1] - 1 - jnp.argmax(mask[..., ::-1], axis=-1)
 
 
 # -- one jitted decode batch ---------------------------------------------------------------------

@@ -27,6 +27,7 @@ from bpo_jax.sampling import (
     decode_batch,
     default_mesh,
     generate,
+    inverse_cdf_sample,
     pad_tokens,
     sample_stage,
     sample_tokens,
@@ -114,6 +115,21 @@ def test_filters_keep_ties_with_the_last_kept_token():
     probs = np.exp(np.asarray(sampling_logprobs(jnp.asarray([2.0, 0, 0, -1]), 1.0, 0, 0.8), np.float64))
     e = np.exp([2.0, 0, 0])
     np.testing.assert_allclose(probs, np.concatenate([e / e.sum(), [0]]), atol=1e-6)
+
+
+def test_inverse_cdf_sample_inverts_the_cumulative_distribution():
+    rng = np.random.default_rng(0)
+    probs = rng.random((400, 1000)) ** 4  # 1000 = 3 full blocks of 256 and a padded one
+    probs[:, ::3] = 0
+    probs[:, 990:] = 0  # zeros at the end: u near 1 must not land there
+    u = rng.random(400)
+    u[:3] = [0.0, np.nextafter(np.float32(1), np.float32(0)), 0.5]
+    got = np.asarray(inverse_cdf_sample(jnp.asarray(probs, jnp.float32), jnp.asarray(u, jnp.float32)))
+    cdf = np.cumsum(probs, axis=1)  # float64 reference: the first index whose cdf exceeds u * total
+    want = (cdf <= (u * cdf[:, -1])[:, None]).sum(axis=1)
+    np.testing.assert_array_equal(got[2:], want[2:])
+    assert got[0] == np.flatnonzero(probs[0])[0] and got[1] == np.flatnonzero(probs[1])[-1]
+    assert (probs[np.arange(400), got] > 0).all()
 
 
 def test_filters_at_full_vocabulary_size():
