@@ -2,7 +2,14 @@
 
     python -m bench.bench_gradients [--size cpu|gpu]
 
-Three rows, all measured in one process in alternating repetitions (ABBA order, median of each):
+Four rows, all measured in alternating repetitions (ABBA order, median of each):
+  0. features (the GradientFeaturizer) vs LESS's recipe in PyTorch + PEFT (bench/peer_less.py,
+     in its own process): a forward and backward pass per pair, the LoRA gradients flattened,
+     projected 16 at a time by a dense random matrix, L2-normalized. Same base weights (exported
+     with save_hf_model), adapter values, pairs and reference log-probs; the peer's gradient of
+     pair 0 before projection is checked against jax.grad of bpo_jax.gradients.pair_loss. Not run
+     where the dense matrix would exceed PEER_PROJECTION_LIMIT bytes.
+Rows 1-3 run in this process:
   1. features (the pipeline's GradientFeaturizer: vmap(grad) micro-batches, all rows projected
      together) vs the same features one pair at a time (a jitted grad + chunked projection per
      pair: what a per-example loop does); the loop runs on the first `loop_pairs` pairs, its
@@ -17,19 +24,32 @@ Compilation is excluded (every function runs once before timing).
 
 from __future__ import annotations
 
+import tempfile
 import time
+from contextlib import ExitStack
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bench.common import bench_main, interleave, make_row, median
+from bench.common import Worker, bench_main, interleave, make_row, median, peer_python
 from bpo_jax.config import LoraSection, OptimSection, TrainSection
 from bpo_jax.data.batching import PreferenceBatcher
 from bpo_jax.data.tokenize import RaggedTokens, TokenizedPairs
-from bpo_jax.gradients import FeatureSettings, GradientFeaturizer, pair_loss, l2_normalize, project
+from bpo_jax.gradients import (
+    REFERENCE_FIELDS,
+    SEQUENCE_FIELDS,
+    FeatureSettings,
+    GradientFeaturizer,
+    l2_normalize,
+    pair_loss,
+    path_string,
+    project,
+)
 from bpo_jax.models.config import ModelConfig
+from bpo_jax.models.hf import hf_tensor_name, save_hf_model
 from bpo_jax.models.llama import init_model
 from bpo_jax.models.lora import add_lora
 from bpo_jax.sharding import make_mesh
@@ -37,6 +57,15 @@ from bpo_jax.train import DPOTrainer
 
 TITLE = "BPO gradient features: vmap vs per-pair loop, and cost vs a DPO epoch"
 TARGET = 5.0  # vmap features at least 5x the per-pair loop's pairs/s
+LESS_PROJECT_EVERY = 16  # gradients per projection in LESS's collect_grads
+PEER_THREADS = 2
+# Idle OpenMP threads sleep instead of spinning: on a shared machine a spinning thread that loses its core
+# stalls every barrier. Measured on 2 cores: with another job running, the default policy made blocks
+# 15-30x slower; on an idle machine PASSIVE costs the peer about 10%.
+PEER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+PEER_PROJECTION_LIMIT = 4 << 30  # bytes of the peer's dense [params, proj_dim] float32 matrix
+PEER_GRAD_RTOL = 1e-4  # |g_torch - g_jax| / |g_jax| of pair 0
+PEFT_WEIGHTS = {"lora_a": "lora_A", "lora_b": "lora_B"}  # our adapter leaf -> PEFT's submodule
 SETTINGS = {
     "cpu": dict(
         model=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -65,9 +94,14 @@ def make_data(n: int, prompt_len: int, response_len: int, vocab: int, seed: int 
     return data.with_ref_logps(rng.normal(-300, 5, n), rng.normal(-300, 5, n))
 
 
+def base_model(s: dict):
+    """The benchmark's model without adapters (init_model is seeded: every call, the same weights)."""
+    return init_model(ModelConfig(**s["model"]), seed=0)
+
+
 def build_model(s: dict):
     """The benchmark's LoRA model, its B moved off zero (as after a warm-up: A has gradients too)."""
-    model = init_model(ModelConfig(**s["model"]), seed=0)
+    model = base_model(s)
     add_lora(model, LoraSection(rank=s["lora_rank"]), seed=0)
     for i, (_, m) in enumerate(nnx.iter_modules(model)):
         if getattr(m, "lora_b", None) is not None:
@@ -152,11 +186,58 @@ class Bench:
         jax.block_until_ready(metrics)
         return {"seconds": time.perf_counter() - start, "pairs": len(self.data)}
 
+    def pair_gradient(self, pair: int) -> np.ndarray:
+        """jax.grad of pair_loss for row `pair` of the first feature batch, flattened in leaf order."""
+        example = {k: v[pair] for k, v in self.feature_batches[0].items()}
+        grads = self.one_grad(self.trainable, self.frozen, example)
+        return np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
+
     def check_loop_equals_vmap(self) -> None:
         looped = np.stack([np.asarray(f) for f in self.loop_features()["features"]])
         batched = self.features()["features"][0][: len(looped)]
         if not np.allclose(looped, batched, atol=1e-4):
             raise AssertionError(f"per-pair loop features differ from the featurizer's by {np.abs(looped - batched).max()}")
+
+
+# -- the PyTorch (LESS-style) peer -------------------------------------------------------------------
+def save_peft_adapters(trainable: nnx.State, path: Path) -> None:
+    """The adapters in PEFT's layout, in leaf order: '<HF module>.lora_A' = A.T, '.lora_B' = B.T."""
+    arrays = {}
+    for keys, value in jax.tree_util.tree_flatten_with_path(trainable)[0]:
+        *module, leaf = path_string(keys).split("/")
+        name = hf_tensor_name(tuple(module) + ("kernel",))[0].removesuffix(".weight")
+        arrays[f"{name}.{PEFT_WEIGHTS[leaf]}"] = np.asarray(value).T
+    np.savez(path, **arrays)
+
+
+def save_pairs(batches: list[dict], path: Path) -> None:
+    """The valid rows of the feature batches, in order: the pairs the peer featurizes."""
+    keep = np.concatenate([np.asarray(b["valid"]) > 0 for b in batches])
+    np.savez(path, **{f: np.concatenate([np.asarray(b[f]) for b in batches])[keep]
+                      for f in SEQUENCE_FIELDS + REFERENCE_FIELDS})
+
+
+def start_less_peer(bench: Bench, directory: Path, stack: ExitStack) -> tuple[Worker, dict]:
+    """The peer worker, set up on the benchmark's model and pairs, its pair-0 gradient checked.
+
+    Returns the worker and its setup info plus `grad_rel_diff`, |g_torch - g_jax| / |g_jax|.
+    """
+    s = bench.s
+    save_hf_model(base_model(s), directory / "model")
+    save_peft_adapters(bench.trainable, directory / "adapters.npz")
+    save_pairs(bench.feature_batches, directory / "pairs.npz")
+    lora = LoraSection(rank=s["lora_rank"])
+    peer = stack.enter_context(Worker("PyTorch LESS loop", peer_python(), "bench.peer_less", PEER_ENV))
+    info = peer.call("setup", model_dir=str(directory / "model"), adapters_path=str(directory / "adapters.npz"),
+                     pairs_path=str(directory / "pairs.npz"), rank=lora.rank, alpha=lora.alpha,
+                     targets=list(lora.targets), beta=bench.settings.beta, proj_dim=s["proj_dim"],
+                     project_every=LESS_PROJECT_EVERY, threads=PEER_THREADS, seed=bench.settings.seed)
+    ours = bench.pair_gradient(0)
+    theirs = np.asarray(peer.call("gradient", pair=0)["gradient"], np.float32)
+    rel = float(np.linalg.norm(theirs - ours) / np.linalg.norm(ours))
+    if not rel < PEER_GRAD_RTOL:
+        raise AssertionError(f"PyTorch pair-0 gradient differs from jax.grad(pair_loss) by {rel:.2e} (relative)")
+    return peer, {**info, "grad_rel_diff": rel}
 
 
 def rate(blocks: list[dict]) -> float:
@@ -166,8 +247,15 @@ def rate(blocks: list[dict]) -> float:
 def run(size: str) -> list[dict]:
     s = SETTINGS[size]
     bench = Bench(s)
-    timed = interleave({name: getattr(bench, name) for name in
-                        ("features", "loop_features", "vmap_grads", "loop_grads", "dpo_epoch")}, s["repeats"])
+    sides = {name: getattr(bench, name)
+             for name in ("features", "loop_features", "vmap_grads", "loop_grads", "dpo_epoch")}
+    dense_bytes = 4 * bench.featurizer.num_params * s["proj_dim"]
+    with tempfile.TemporaryDirectory(prefix="bench-gradients-") as tmp, ExitStack() as stack:
+        peer = None
+        if dense_bytes <= PEER_PROJECTION_LIMIT:
+            peer, peer_info = start_less_peer(bench, Path(tmp), stack)
+            sides = {"features": sides.pop("features"), "less_loop": lambda: peer.call("measure"), **sides}
+        timed = interleave(sides, s["repeats"])
     command = f"python -m bench.bench_gradients --size {size}"
     f = bench.featurizer
     shape = (f"{f.num_params:,} LoRA params (rank {s['lora_rank']}) of a {s['model']['num_hidden_layers']}-layer, "
@@ -176,7 +264,21 @@ def run(size: str) -> list[dict]:
              f"micro-batch {s['micro_batch']}; {jax.devices()[0].device_kind}; {s['repeats']} interleaved repetitions, median")
     feature_s = median([b["seconds"] for b in timed["features"]])
     epoch_s = median([b["seconds"] for b in timed["dpo_epoch"]])
+    if peer is None:
+        less_rate = float("nan")
+        less_note = f"not run: the peer's dense projection would take {dense_bytes / 2**30:.0f} GiB; {shape}."
+    else:
+        less_rate = rate(timed["less_loop"])
+        less_note = (
+            f"{shape}; peer: torch {peer_info['torch']} + peft {peer_info['peft']} on CPU, "
+            f"{peer_info['torch_threads']} threads, OMP_WAIT_POLICY=PASSIVE, {peer_info['trainable_params']:,} LoRA "
+            f"params; one forward+backward per pair, gradients projected {LESS_PROJECT_EVERY} at a time by a dense "
+            f"Rademacher matrix made at setup, all {s['pairs']} pairs per block; pair-0 gradient before projection "
+            f"matches jax.grad(pair_loss) to {peer_info['grad_rel_diff']:.1e} relative "
+            f"(asserted < {PEER_GRAD_RTOL:g}).")
     return [
+        make_row("gradient features: featurizer vs PyTorch per-pair loop (LESS-style)", rate(timed["features"]),
+                 less_rate, "pairs/s", command, note=less_note),
         make_row("gradient features: featurizer vs per-pair loop", rate(timed["features"]), rate(timed["loop_features"]),
                  "pairs/s", command, target=TARGET,
                  note=f"{shape}; loop over the first {s['loop_pairs']} pairs (features checked equal, atol 1e-4)."),
