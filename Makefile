@@ -20,7 +20,7 @@ demo: install
 	JAX_PLATFORMS=cpu $(PY) -m bpo_jax.main --config configs/demo.yaml
 
 test: install
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q tests
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -rs tests
 
 bench: install
 	JAX_PLATFORMS=cpu $(PY) -m bench.run_all
