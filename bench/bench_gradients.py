@@ -105,7 +105,7 @@ def build_model(s: dict):
     add_lora(model, LoraSection(rank=s["lora_rank"]), seed=0)
     for i, (_, m) in enumerate(nnx.iter_modules(model)):
         if getattr(m, "lora_b", None) is not None:
-            m.lora_b.value = 0.01 * jax.random.normal(jax.random.key(i), m.lora_b.shape)
+            m.lora_b.set_value(0.01 * jax.random.normal(jax.random.key(i), m.lora_b.shape))
     return model
 
 

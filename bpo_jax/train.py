@@ -244,7 +244,7 @@ class Trainer:
         params = optax.apply_updates(state.params, updates)
         rng, _ = jax.random.split(state.rng)
         metrics = {name: v / n_valid_total for name, v in metric_sums.items()}
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = self.schedule(state.step)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
         return new_state, metrics

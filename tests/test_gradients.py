@@ -50,7 +50,7 @@ def tiny_model(lora_rank: int = 4, random_b: bool = True):
     if lora_rank and random_b:
         for i, (_, m) in enumerate(nnx.iter_modules(model)):
             if isinstance(m, Linear) and m.lora_b is not None:
-                m.lora_b.value = 0.3 * jax.random.normal(jax.random.key(100 + i), m.lora_b.shape)
+                m.lora_b.set_value(0.3 * jax.random.normal(jax.random.key(100 + i), m.lora_b.shape))
     return model
 
 

@@ -212,7 +212,7 @@ def load_sentence_encoder(directory: str | Path | None = None) -> SentenceEncode
             array = array.T if transpose else array
             if array.shape != tuple(var.shape):
                 raise CheckpointError(f"{weights}: tensor {name!r} has shape {array.shape}, expected {tuple(var.shape)}")
-            var.value = jnp.asarray(array, jnp.float32)
+            var.set_value(jnp.asarray(array, jnp.float32))
     tokenizer_path = directory / "tokenizer.json"
     if not tokenizer_path.is_file():
         raise FileNotFoundError(f"{tokenizer_path}: not found (the encoder's tokenizer)")

@@ -146,7 +146,7 @@ def load_params(
         value = jnp.asarray(np.ascontiguousarray(array), dtype=pdt)
         if shardings is not None:
             value = jax.device_put(value, shardings(path, value.shape))
-        var.value = value
+        var.set_value(value)
     return nnx.merge(graphdef, state)
 
 

@@ -64,7 +64,7 @@ def merge_lora(model: CausalLM) -> CausalLM:
     for _, module in nnx.iter_modules(model):
         if isinstance(module, Linear) and module.lora_a is not None:
             delta = lora_delta(module)
-            module.kernel.value = (module.kernel[...].astype(jnp.float32) + delta).astype(module.kernel.dtype)
+            module.kernel.set_value((module.kernel[...].astype(jnp.float32) + delta).astype(module.kernel.dtype))
             module.lora_a = None
             module.lora_b = None
             module.lora_scale = 0.0
