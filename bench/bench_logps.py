@@ -58,17 +58,14 @@ class CompiledStep:
                              optim=OptimSection(learning_rate=1e-4))
         self.trainer = DPOTrainer(model, train, make_mesh((1, 1, 1), devices=jax.devices()[:1]), total_steps=10**6)
         self.state = self.trainer.init_state()
-        self.batch = self.trainer._place(batch)
-        # The jitted step's own executable (as the tests' memory checks take it), not a re-traced copy.
-        self.compiled = self.trainer._step.lower(
-            self.state, self.trainer.frozen, self.trainer.reference_params, self.batch).compile()
-        stats = self.compiled.memory_analysis()
+        self.batch = batch
+        stats = self.trainer.lower_step(self.state, batch).compile().memory_analysis()
         self.memory_mib, self.temp_mib = resident_bytes(stats) / 2**20, stats.temp_size_in_bytes / 2**20
         self.first_loss = self()["loss"]
 
     def __call__(self) -> dict:
         start = time.perf_counter()
-        self.state, metrics = self.compiled(self.state, self.trainer.frozen, self.trainer.reference_params, self.batch)
+        self.state, metrics = self.trainer.train_step(self.state, self.batch)
         loss = float(metrics["loss"])  # waits for the step
         return {"seconds": time.perf_counter() - start, "loss": loss}
 

@@ -212,6 +212,11 @@ class Trainer:
         batch = self._place(batch)
         return self._step(state, self.frozen, self.reference_params, batch)
 
+    def lower_step(self, state: TrainState, batch: dict[str, Any]) -> jax.stages.Lowered:
+        """The jitted step lowered for this state and batch shape: `.compile().memory_analysis()`
+        or `.cost_analysis()` of it describe exactly the program `train_step` runs."""
+        return self._step.lower(state, self.frozen, self.reference_params, self._place(batch))
+
     def _place(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
         """Split over the data axes (a no-op for arrays already placed so, e.g. multi-host input)."""
         return {k: jax.device_put(v, batch_sharding(self.mesh, np.ndim(v))) for k, v in batch.items()}
