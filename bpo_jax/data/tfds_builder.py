@@ -7,7 +7,7 @@ directory. Importing this module registers it, so this works without TensorFlow:
 
     builder = tfds.builder("bpo_preferences", data_dir=d, config=BpoPreferencesConfig("mine", files={...}))
     builder.download_and_prepare(file_format="array_record")
-    source = builder.as_data_source("train")   # random access, e.g. for grain
+    source = builder.as_data_source("train")   # random access; read_tfds reads it with grain
 
 Examples keep the file order (shuffling at preparation is disabled). Conversational fields are
 stored as JSON text with `conversational=True`; plain strings as they are.
@@ -25,6 +25,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -32,6 +33,7 @@ from bpo_jax.data.readers import ReadReport, iter_records, records_from_rows
 from bpo_jax.data.schema import DataError, PreferencePair
 
 _SPLIT_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+READ_THREADS = 8  # parallel row reads in read_tfds
 
 
 @dataclasses.dataclass(eq=False)
@@ -119,15 +121,17 @@ def read_tfds(
     label = f"{builder.name}[{split}]"
     report = ReadReport(label)
 
-    def rows() -> Iterator[tuple[str, int, Any]]:
-        for i in range(len(source)):
-            where = f"{label}:row {i + 1}"
-            try:
-                yield where, i, _decode_example(source[i], field_map or {}, where)
-            except DataError as e:
-                yield where, i, e
+    def row(i: int) -> tuple[str, int, Any]:
+        where = f"{label}:row {i + 1}"
+        try:
+            return where, i, _decode_example(source[i], field_map or {}, where)
+        except DataError as e:
+            return where, i, e
 
-    pairs = list(records_from_rows(rows(), "pairs", skip_bad_rows, report))
+    # grain reads and decodes the array_record rows on a thread pool, in row order, so lookups
+    # overlap (they are remote reads when the dataset lives on GCS).
+    rows = grain.MapDataset.range(len(source)).map(row).to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS))
+    pairs = list(records_from_rows(iter(rows), "pairs", skip_bad_rows, report))
     return pairs, report
 
 
