@@ -47,6 +47,7 @@ REFERENCE_MODES = ("precomputed", "frozen_copy", "lora_off", "none")
 REWARD_KINDS = ("rule", "model", "precomputed", "gym")
 EMBEDDERS = ("policy", "tfidf", "minilm")
 DEPTH_ALLOCATORS = ("gradient", "uniform", "random", "length", "margin", "off")
+BASE_PAIRS = ("primary", "ranked")
 PROJECTIONS = ("rademacher", "gaussian")
 
 
@@ -145,6 +146,7 @@ class BpoSection:
     embedder: str = "policy"  # prompt encoder for breadth: policy | tfidf | minilm
     depth_allocator: str = "gradient"  # gradient | uniform | random | length | margin | off (train on the pairs stage output)
     budget: int = 0  # global pair budget M; 0: half the candidate pairs, at least one per prompt
+    base_pair: str = "primary"  # each prompt's guaranteed pair: primary (first candidate strategy's) | ranked (allocator's top)
     candidate_strategies: tuple[str, ...] = (  # candidate pairs built per prompt, one per strategy
         "max/mu-2s",
         "max/min",
@@ -450,6 +452,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "reward.kind": REWARD_KINDS,
     "bpo.embedder": EMBEDDERS,
     "bpo.depth_allocator": DEPTH_ALLOCATORS,
+    "bpo.base_pair": BASE_PAIRS,
     "bpo.projection": PROJECTIONS,
     "train.loss_type": LOSS_TYPES,
     "train.reference": REFERENCE_MODES,

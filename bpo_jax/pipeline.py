@@ -365,7 +365,7 @@ def stage_bpo(run: Run) -> None:
 
     budget = b.budget or depth.default_budget(len(set(group.tolist())), len(kept))
     allocation_input = depth.Candidates(group, margins, lengths, None if scores is None else scores.scores)
-    selected = depth.allocate(allocation_input, b.depth_allocator, budget, seed=b.seed)
+    selected = depth.allocate(allocation_input, b.depth_allocator, budget, seed=b.seed, base_pair=b.base_pair)
     depth.plot_depth(group, selected, out / "depth.png", title=f"BPO depth allocation ({b.depth_allocator}, M = {budget})")
     if scores is not None:
         depth.plot_scores(scores, selected, out / "scores.png")

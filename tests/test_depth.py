@@ -84,16 +84,27 @@ def depths(selected: np.ndarray) -> list[int]:
 
 
 def test_gradient_allocation_hand_computed():
-    # Each prompt's best: 1 (0.9), 4 (0.3), 5 (0.05), 6 (0.8). Then by score: 7 (0.7), 8 (0.6), 2 (0.5).
-    assert allocate(CANDIDATES, "gradient", 7).tolist() == [1, 2, 4, 5, 6, 7, 8]
-    assert allocate(CANDIDATES, "gradient", 4).tolist() == [1, 4, 5, 6]
-    assert allocate(CANDIDATES, "gradient", 10).tolist() == list(range(10))
+    # ranked: each prompt's best: 1 (0.9), 4 (0.3), 5 (0.05), 6 (0.8). Then by score: 7 (0.7), 8 (0.6), 2 (0.5).
+    assert allocate(CANDIDATES, "gradient", 7, base_pair="ranked").tolist() == [1, 2, 4, 5, 6, 7, 8]
+    assert allocate(CANDIDATES, "gradient", 4, base_pair="ranked").tolist() == [1, 4, 5, 6]
+    assert allocate(CANDIDATES, "gradient", 10, base_pair="ranked").tolist() == list(range(10))
 
 
+def test_primary_base_pair_is_each_prompts_first_candidate():
+    # primary (the default): prompts keep their first candidates 0, 3, 5, 6 (the first candidate
+    # strategy's picks); the extra slots follow the ranking: gradient 1 (0.9), 7 (0.7), 8 (0.6).
+    assert allocate(CANDIDATES, "gradient", 4).tolist() == [0, 3, 5, 6]
+    assert allocate(CANDIDATES, "gradient", 7).tolist() == [0, 1, 3, 5, 6, 7, 8]
+    # margin: extra slots 4 (4.0), 2 (2.0); random: the base never depends on the seed.
+    assert allocate(CANDIDATES, "margin", 6).tolist() == [0, 2, 3, 4, 5, 6]
+    assert all(allocate(CANDIDATES, "random", 4, seed=s).tolist() == [0, 3, 5, 6] for s in range(20))
+
+
+@pytest.mark.parametrize("base_pair", ["primary", "ranked"])
 @pytest.mark.parametrize("budget", range(4, 11))
 @pytest.mark.parametrize("allocator", ["gradient", "uniform", "random", "length", "margin"])
-def test_budget_exact_and_every_prompt_keeps_a_pair(allocator, budget):
-    selected = allocate(CANDIDATES, allocator, budget, seed=budget)
+def test_budget_exact_and_every_prompt_keeps_a_pair(allocator, budget, base_pair):
+    selected = allocate(CANDIDATES, allocator, budget, seed=budget, base_pair=base_pair)
     assert len(selected) == budget == len(set(selected.tolist()))
     assert min(depths(selected)) >= 1
 
@@ -101,7 +112,7 @@ def test_budget_exact_and_every_prompt_keeps_a_pair(allocator, budget):
 @pytest.mark.parametrize("budget", range(4, 11))
 def test_higher_score_gets_the_depth(budget):
     """Beyond each prompt's own best pair, every kept candidate outscores every dropped one."""
-    selected = allocate(CANDIDATES, "gradient", budget)
+    selected = allocate(CANDIDATES, "gradient", budget, base_pair="ranked")
     best = {g: max(np.flatnonzero(GROUPS == g), key=lambda i: SCORES[i]) for g in range(4)}
     extra = [i for i in selected if i != best[GROUPS[i]]]
     dropped = np.setdiff1d(np.arange(10), selected)
@@ -113,17 +124,17 @@ def test_higher_score_gets_the_depth(budget):
 
 def test_margin_and_length_allocators_hand_computed():
     # margin: best per prompt 0 (3.0), 4 (4.0), 5, 9 (0.4); then 2 (2.0), 1 (1.0), 3 (0.5).
-    assert allocate(CANDIDATES, "margin", 7).tolist() == [0, 1, 2, 3, 4, 5, 9]
+    assert allocate(CANDIDATES, "margin", 7, base_pair="ranked").tolist() == [0, 1, 2, 3, 4, 5, 9]
     # length: best per prompt 2 (30), 3 (40), 5, 8 (60); then 7 (50), 1 (20), 0 (10).
-    assert allocate(CANDIDATES, "length", 7).tolist() == [0, 1, 2, 3, 5, 7, 8]
+    assert allocate(CANDIDATES, "length", 7, base_pair="ranked").tolist() == [0, 1, 2, 3, 5, 7, 8]
 
 
 def test_uniform_allocator_spreads_depth_evenly_by_margin():
     # Round 1 (best margin each): 0, 4, 5, 9. Round 2: prompt 0 -> 2 (2.0), 1 -> 3 (0.5), 3 -> 8 (0.3);
     # prompt 2 has nothing left. Round 2 is taken in margin order, so budget 6 takes 2 and 3.
-    assert allocate(CANDIDATES, "uniform", 6).tolist() == [0, 2, 3, 4, 5, 9]
-    assert depths(allocate(CANDIDATES, "uniform", 7)) == [2, 2, 1, 2]
-    assert depths(allocate(CANDIDATES, "uniform", 9)) == [3, 2, 1, 3]
+    assert allocate(CANDIDATES, "uniform", 6, base_pair="ranked").tolist() == [0, 2, 3, 4, 5, 9]
+    assert depths(allocate(CANDIDATES, "uniform", 7, base_pair="ranked")) == [2, 2, 1, 2]
+    assert depths(allocate(CANDIDATES, "uniform", 9, base_pair="ranked")) == [3, 2, 1, 3]
     # Many prompts with deep candidate lists: depths differ by at most one.
     groups = np.repeat(np.arange(50), 6)
     margins = np.random.default_rng(0).uniform(size=groups.size)
@@ -137,11 +148,11 @@ def test_random_allocator_is_seeded_and_unbiased():
     a, b = allocate(CANDIDATES, "random", 6, seed=1), allocate(CANDIDATES, "random", 6, seed=1)
     assert np.array_equal(a, b)
     assert any(not np.array_equal(a, allocate(CANDIDATES, "random", 6, seed=s)) for s in range(2, 6))
-    # With budget 4 each prompt keeps one uniformly chosen candidate: prompt 3 has 4 candidates,
+    # Ranked, budget 4: each prompt keeps one uniformly chosen candidate: prompt 3 has 4 candidates,
     # each kept in 1/4 of 4000 seeds (sd 27; bounds at 5 sd).
     counts = np.zeros(10)
     for seed in range(4000):
-        counts[allocate(CANDIDATES, "random", 4, seed=seed)] += 1
+        counts[allocate(CANDIDATES, "random", 4, seed=seed, base_pair="ranked")] += 1
     assert np.all(np.abs(counts[6:10] - 1000) < 140)
     assert counts[5] == 4000
 
@@ -153,6 +164,8 @@ def test_allocation_errors():
         allocate(CANDIDATES, "margin", 11)
     with pytest.raises(ValueError, match="unknown depth allocator 'best'"):
         allocate(CANDIDATES, "best", 5)
+    with pytest.raises(ValueError, match="unknown base pair rule 'first'"):
+        allocate(CANDIDATES, "margin", 5, base_pair="first")
     with pytest.raises(ValueError, match="needs BPO scores"):
         allocate(CANDIDATES._replace(scores=None), "gradient", 5)
     with pytest.raises(ValueError, match="Candidates.lengths has shape \\(3,\\)"):
@@ -238,7 +251,8 @@ def test_stage_bpo_gradient_allocation_end_to_end_and_resume(tmp_path, capsys):
     assert run.preference_data == run.train_pairs
     assert (out / "warmup" / "checkpoints").exists() and (out / "depth.png").exists() and (out / "scores.png").exists()
 
-    # The allocation follows the scores of the saved features: each prompt's best, then the highest.
+    # The allocation follows the scores of the saved features: each prompt's primary pair (its
+    # first candidate: the first candidate strategy's pick), then the highest scores.
     features, index = read_feature_shards(out / "features")
     assert features.shape == (len(candidates), 64) and index.tolist() == list(range(len(candidates)))
     scores = bpo_scores(features, spherical_kmeans(features, 2, seed=0)).scores
@@ -246,10 +260,11 @@ def test_stage_bpo_gradient_allocation_end_to_end_and_resume(tmp_path, capsys):
     picked = np.array([by_id[p["id"]] for p in train])
     np.testing.assert_allclose([p["meta"]["bpo_score"] for p in train], scores[picked], rtol=1e-6)
     groups = np.array([int(c["meta"]["prompt_id"][1:]) for c in candidates])
-    best = {g: np.flatnonzero(groups == g)[np.argmax(scores[groups == g])] for g in range(6)}
-    extra = [i for i in picked if i != best[groups[i]]]
+    primary = {g: np.flatnonzero(groups == g)[0] for g in range(6)}
+    assert all(candidates[i]["meta"]["strategies"][0] == run.config.bpo.candidate_strategies[0] for i in primary.values())
+    extra = [i for i in picked if i != primary[groups[i]]]
     dropped = np.setdiff1d(np.arange(len(candidates)), picked)
-    assert set(best.values()) <= set(picked.tolist())
+    assert set(primary.values()) <= set(picked.tolist())
     if extra and dropped.size:
         assert scores[extra].min() >= scores[dropped].max()
 
