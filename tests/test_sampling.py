@@ -305,6 +305,19 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def crash_generate_on_second_call(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
+    """sampling.generate raises `error` on its second call: a run killed after its first chunk."""
+    real_generate, calls = sampling.generate, []
+
+    def crashing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise error
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "generate", crashing)
+
+
 def test_sample_stage_writes_decoded_responses(tiny, tmp_path):
     model, tok = tiny
     rows = write_prompts(tmp_path / "prompts.jsonl", 3)
@@ -327,21 +340,12 @@ def test_sample_stage_resumes_without_duplicates(tiny, tmp_path, monkeypatch):
     run = functools.partial(sample_stage, model, tok, tmp_path / "prompts.jsonl", cfg=STAGE_CFG, chunk_size=3, progress=False)
     run(out_path=tmp_path / "whole.jsonl")
 
-    calls = []
-    real_generate = sampling.generate
-
-    def crash_on_second_chunk(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed")
-        return real_generate(*args, **kwargs)
-
-    monkeypatch.setattr(sampling, "generate", crash_on_second_chunk)
+    crash_generate_on_second_call(monkeypatch, KeyboardInterrupt("killed"))
     with pytest.raises(KeyboardInterrupt):
         run(out_path=tmp_path / "resumed.jsonl")
     assert not (tmp_path / "resumed.jsonl").exists()
     assert len(list((tmp_path / ".resumed.jsonl.parts").glob("*.jsonl"))) == 1  # the first chunk, whole
-    monkeypatch.setattr(sampling, "generate", real_generate)
+    monkeypatch.undo()
 
     assert run(out_path=tmp_path / "resumed.jsonl") == 4  # only the prompts not done yet
     assert read_jsonl(tmp_path / "resumed.jsonl") == read_jsonl(tmp_path / "whole.jsonl")
@@ -352,16 +356,7 @@ def test_sample_stage_resumes_without_duplicates(tiny, tmp_path, monkeypatch):
 def test_sample_stage_refuses_to_mix_settings(tiny, tmp_path, monkeypatch):
     model, tok = tiny
     write_prompts(tmp_path / "prompts.jsonl", 4)
-    real_generate = sampling.generate
-    calls = []
-
-    def crash_on_second_chunk(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("killed")
-        return real_generate(*args, **kwargs)
-
-    monkeypatch.setattr(sampling, "generate", crash_on_second_chunk)
+    crash_generate_on_second_call(monkeypatch, RuntimeError("killed"))
     with pytest.raises(RuntimeError):
         sample_stage(model, tok, tmp_path / "prompts.jsonl", tmp_path / "out.jsonl", STAGE_CFG, chunk_size=2, progress=False)
     hotter = SamplingConfig(**{**STAGE_CFG.__dict__, "temperature": 2.0})
