@@ -17,22 +17,18 @@ peak RSS over the timed steps (framework runtime included).
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from bench.common import (
-    Worker,
+    against_peer_variants,
     bench_main,
-    interleave,
     is_serve_call,
     make_row,
     median,
     peak_rss_mib,
-    peer_python,
-    peer_variants,
     reset_peak_rss,
     rss_mib,
     serve,
@@ -172,20 +168,11 @@ def compare_mode(size: str, lora: bool) -> list[dict]:
         model_dir = str(Path(tmp) / "model")
         common = dict(data_path=str(data_path), batch_size=s["batch_size"], warmup_steps=s["warmup"],
                       lora=LORA if lora else None, **OPTIM)
-        workers = {"bpo_jax": Worker("bpo_jax", sys.executable, "bench.bench_dpo")}
-        try:
-            setup = {"bpo_jax": workers["bpo_jax"].call("dpo_setup", model=s["model"], export_dir=model_dir, **common)}
-            python = peer_python()
-            for variant, env in peer_variants().items():
-                name = f"TRL ({variant})"
-                workers[name] = Worker(name, python, "bench.peer_trl", env)
-                setup[name] = workers[name].call("dpo_setup", model_dir=model_dir,
-                                                 max_steps=s["warmup"] + s["repeats"] * s["steps"], **common)
-            blocks = interleave({name: (lambda w=w: w.call("dpo_measure", steps=s["steps"]))
-                                 for name, w in workers.items()}, s["repeats"])
-        finally:
-            for w in workers.values():
-                w.close()
+        setup, blocks = against_peer_variants(
+            "bench.bench_dpo", "bench.peer_trl", "TRL", "dpo_setup",
+            ours_setup=dict(model=s["model"], export_dir=model_dir, **common),
+            peer_setup=dict(model_dir=model_dir, max_steps=s["warmup"] + s["repeats"] * s["steps"], **common),
+            measure_op="dpo_measure", measure_args={"steps": s["steps"]}, repeats=s["repeats"])
     tokens = setup["bpo_jax"]["tokens_per_step"]
     rates = {name: tokens_per_second(b, tokens) for name, b in blocks.items()}
     peaks = {name: median([x["peak_rss_mib"] for x in b]) for name, b in blocks.items()}

@@ -136,7 +136,7 @@ class Bench:
         self.check_loop_equals_vmap()
 
     def _compile_loops(self, model) -> None:
-        s, settings = self.s, self.settings
+        settings = self.settings
         graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
         self.trainable, self.frozen = trainable, frozen
         loss = lambda t, f, ex: pair_loss(t, f, ex, graphdef=graphdef, loss_type="sigmoid", beta=settings.beta,

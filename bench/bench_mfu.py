@@ -32,7 +32,6 @@ class MfuWorker(OursWorker):
 
     def peak_setup(self, n: int, dtype: str, repeats: int) -> dict:
         import jax
-        import jax.numpy as jnp
 
         keys = jax.random.split(jax.random.key(0), 2)
         self.a, self.b = (jax.random.normal(k, (n, n), dtype) for k in keys)

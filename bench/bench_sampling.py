@@ -13,7 +13,6 @@ taken against its faster setting).
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,15 +21,12 @@ import numpy as np
 
 from bench.bench_dpo import model_config
 from bench.common import (
-    Worker,
+    against_peer_variants,
     bench_main,
-    interleave,
     is_serve_call,
     make_row,
     median,
     peak_rss_mib,
-    peer_python,
-    peer_variants,
     reset_peak_rss,
     rss_mib,
     serve,
@@ -95,19 +91,10 @@ def run(size: str) -> list[dict]:
     spec = dict(prompt_ids=prompt_ids, n=s["n"], max_new_tokens=s["max_new_tokens"], **SAMPLING)
     with tempfile.TemporaryDirectory(prefix="bench-sampling-") as tmp:
         model_dir = str(Path(tmp) / "model")
-        workers = {"bpo_jax": Worker("bpo_jax", sys.executable, "bench.bench_sampling")}
-        try:
-            setup = {"bpo_jax": workers["bpo_jax"].call("gen_setup", model=s["model"], export_dir=model_dir, **spec)}
-            python = peer_python()
-            for variant, env in peer_variants().items():
-                name = f"transformers ({variant})"
-                workers[name] = Worker(name, python, "bench.peer_trl", env)
-                setup[name] = workers[name].call("gen_setup", model_dir=model_dir, **spec)
-            blocks = interleave({name: (lambda w=w: w.call("gen_measure")) for name, w in workers.items()},
-                                s["repeats"])
-        finally:
-            for w in workers.values():
-                w.close()
+        setup, blocks = against_peer_variants(
+            "bench.bench_sampling", "bench.peer_trl", "transformers", "gen_setup",
+            ours_setup=dict(model=s["model"], export_dir=model_dir, **spec), peer_setup=dict(model_dir=model_dir, **spec),
+            measure_op="gen_measure", measure_args={}, repeats=s["repeats"])
     rates = {name: median([b["new_tokens"] / b["seconds"] for b in bs]) for name, bs in blocks.items()}
     peers = [name for name in rates if name != "bpo_jax"]
     best = max(peers, key=rates.get)

@@ -206,6 +206,37 @@ def bench_main(run: Callable[[str], list[dict]], description: str, argv: Sequenc
 
 
 # -- timing --------------------------------------------------------------------------------------
+def against_peer_variants(
+    ours_module: str,
+    peer_module: str,
+    peer_label: str,
+    setup_op: str,
+    ours_setup: dict[str, Any],
+    peer_setup: dict[str, Any],
+    measure_op: str,
+    measure_args: dict[str, Any],
+    repeats: int,
+) -> tuple[dict[str, dict], dict[str, list[dict]]]:
+    """bpo_jax's worker (`ours_module --serve` in this interpreter) and one peer worker per
+    allocator setting (`peer_variants`), each set up with `setup_op`, then `measure_op` timed on
+    all of them in alternation. Returns (setup replies, timed blocks), keyed "bpo_jax" and
+    "<peer_label> (<variant>)"."""
+    workers = {"bpo_jax": Worker("bpo_jax", sys.executable, ours_module)}
+    try:
+        setup = {"bpo_jax": workers["bpo_jax"].call(setup_op, **ours_setup)}
+        python = peer_python()
+        for variant, env in peer_variants().items():
+            name = f"{peer_label} ({variant})"
+            workers[name] = Worker(name, python, peer_module, env)
+            setup[name] = workers[name].call(setup_op, **peer_setup)
+        blocks = interleave({name: (lambda w=w: w.call(measure_op, **measure_args)) for name, w in workers.items()},
+                            repeats)
+    finally:
+        for w in workers.values():
+            w.close()
+    return setup, blocks
+
+
 def interleave(sides: dict[str, Callable[[], dict]], repeats: int) -> dict[str, list[dict]]:
     """Call each side's timed block `repeats` times, alternating the order (ABBA...)."""
     names = list(sides)

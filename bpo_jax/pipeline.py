@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
