@@ -323,3 +323,11 @@ def test_shipped_config_device_counts():
     declared = {p.name: _declared_devices(p) for p in SHIPPED}
     for name, count in {"gpu_single.yaml": 1, "tpu_v5e_8.yaml": 8, "tpu_v5p_64_multihost.yaml": 32}.items():
         assert declared.get(name) == count
+
+
+def test_bpo_choices_are_the_ones_depth_implements():
+    """config.py lists the choices without importing depth.py (NumPy-only); they must agree."""
+    from bpo_jax import config, depth
+
+    assert config.DEPTH_ALLOCATORS == depth.ALLOCATORS + ("off",)
+    assert config.BASE_PAIRS == depth.BASE_PAIRS
