@@ -116,7 +116,7 @@ class SampleSection:
     max_new_tokens: int = 64  # response length limit (responses that hit it count as truncated)
     min_new_tokens: int = 1  # EOS is excluded before this many tokens (1: no empty responses)
     batch_size: int = 16  # prompts per sampling batch
-    seed: int = 0  # sampling PRNG seed
+    seed: int | None = None  # sampling PRNG seed; null: the top-level seed
 
 
 @dataclasses.dataclass
@@ -136,7 +136,7 @@ class PairsSection:
     k_rej: int = 5  # scalable strategy: rejected = worst of the first k_rej samples
     length_penalty: float = 0.0  # select on reward - length_penalty * response tokens
     exclude_truncated: bool = False  # truncated responses (no EOS) are never chosen
-    seed: int = 0  # seed of the random strategies
+    seed: int | None = None  # seed of the random strategies; null: the top-level seed
 
 
 @dataclasses.dataclass
@@ -162,7 +162,7 @@ class BpoSection:
     feature_batch_size: int = 8  # pairs per vmap(grad) micro-batch
     projection: str = "rademacher"  # random projection entries: rademacher | gaussian
     trainable: str = "lora"  # parameters differentiated for features: lora, or a regex on parameter paths
-    seed: int = 0  # projection and clustering seed
+    seed: int | None = None  # breadth clustering, gradient projection and depth clustering/random seed; null: the top-level seed
 
 
 @dataclasses.dataclass
@@ -194,7 +194,7 @@ class TrainSection:
     checkpoint_every: int = 0  # steps; 0: only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     log_every: int = 1  # steps between metric records
-    seed: int = 0  # training PRNG seed (data order, dropout-free model)
+    seed: int | None = None  # training seed (data order, LoRA init, BPO warm-up order); null: the top-level seed
 
 
 @dataclasses.dataclass
@@ -205,12 +205,13 @@ class EvalSection:
     max_new_tokens: int = 64  # response length limit
     min_new_tokens: int = 1  # EOS is excluded before this many tokens (1: no empty responses)
     batch_size: int = 16  # prompts per batch
+    seed: int | None = None  # eval sampling seed (policy and reference alike); null: the top-level seed
 
 
 @dataclasses.dataclass
 class RunConfig:
     run_dir: str = "runs/default"  # every stage writes its outputs here
-    seed: int = 0  # global seed
+    seed: int = 0  # the run's seed: SFT data order, random init, and every stage seed left null
     model: ModelSection = field(default_factory=ModelSection)  # policy model
     mesh: MeshSection = field(default_factory=MeshSection)  # device mesh ("data", "fsdp", "tensor")
     distributed: DistributedSection = field(default_factory=DistributedSection)  # multi-host setup
@@ -462,6 +463,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 _POSITIVE = ("> 0", lambda v: v > 0)
 _NON_NEGATIVE = (">= 0", lambda v: v >= 0)
 _UNIT_OPEN = ("in [0, 1)", lambda v: 0 <= v < 1)
+_SEED = ("in [0, 2**32) (a uint32 PRNG seed)", lambda v: 0 <= v < 2**32)
 _BOUNDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "data.max_length": _POSITIVE,
     "data.max_prompt_length": _POSITIVE,
@@ -511,6 +513,12 @@ _BOUNDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "eval.batch_size": _POSITIVE,
     "distributed.num_processes": _POSITIVE,
     "distributed.process_id": _NON_NEGATIVE,
+    "seed": _SEED,
+    "sample.seed": _SEED,
+    "pairs.seed": _SEED,
+    "bpo.seed": _SEED,
+    "train.seed": _SEED,
+    "eval.seed": _SEED,
 }
 
 _INPUT_FILES = ("data.prompts", "data.scored", "data.pairs", "data.eval_prompts", "data.eval_pairs", "sft.data")
@@ -696,6 +704,24 @@ def load_config(
     except ConfigError as e:
         raise e.located(origins.of(e.key)) from None
     return config
+
+
+SEEDED_SECTIONS = ("sample", "pairs", "bpo", "train", "eval")
+
+
+def resolve_seeds(config: RunConfig) -> RunConfig:
+    """A copy in which every stage seed left null is the top-level `seed`; explicit ones are kept.
+
+    The one place stage seeds are resolved (`pipeline.Run` calls it), so changing `seed` alone
+    reseeds every stage. Configs keep null until a run starts: a copy with another top-level seed
+    still inherits it.
+    """
+    sections = {
+        name: dataclasses.replace(getattr(config, name), seed=config.seed)
+        for name in SEEDED_SECTIONS
+        if getattr(config, name).seed is None
+    }
+    return dataclasses.replace(config, **sections)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from bpo_jax import evaluate
-from bpo_jax.config import RunConfig, TrainSection, OptimSection, save_config
+from bpo_jax.config import EvalSection, OptimSection, RunConfig, SampleSection, TrainSection, resolve_seeds, save_config
 from bpo_jax.data.batching import PreferenceBatcher
 from bpo_jax.data.readers import raw_rows, read_records
 from bpo_jax.data.schema import DataError, parse_record
@@ -53,10 +53,13 @@ def log(message: str) -> None:
 
 
 class Run:
-    """One run directory: its paths, and the tokenizer, mesh and models its stages share."""
+    """One run directory: its paths, and the tokenizer, mesh and models its stages share.
+
+    `config` is kept with its stage seeds resolved (null -> the top-level seed): stages read ints.
+    """
 
     def __init__(self, config: RunConfig):
-        self.config = config
+        self.config = resolve_seeds(config)
         self.root = Path(config.run_dir)
         self.root.mkdir(parents=True, exist_ok=True)
 
@@ -149,7 +152,7 @@ class Run:
                            gym_config=r.gym_config, batch_size=r.batch_size)
         return build_scorer(cfg, self.mesh)
 
-    def sampling_config(self, section, seed: int) -> SamplingConfig:
+    def sampling_config(self, section: SampleSection | EvalSection) -> SamplingConfig:
         return SamplingConfig(
             n=section.n,
             temperature=section.temperature,
@@ -159,7 +162,7 @@ class Run:
             min_new_tokens=section.min_new_tokens,
             max_prompt_length=self.config.data.max_prompt_length,
             batch_size=section.batch_size,
-            seed=seed,
+            seed=section.seed,
         )
 
 
@@ -221,7 +224,7 @@ def stage_sample(run: Run) -> None:
     log(f"[sample] {run.config.sample.n} responses per prompt of {prompts}")
     model = run.load_model(run.reference_dir)
     s = run.config.sample
-    sample_stage(model, run.tokenizer, prompts, run.responses, run.sampling_config(s, s.seed), run.mesh)
+    sample_stage(model, run.tokenizer, prompts, run.responses, run.sampling_config(s), run.mesh)
 
 
 def breadth_selection(run: Run, prompts: Path) -> Path:
@@ -450,7 +453,7 @@ def eval_responses(run: Run, model: CausalLM, prompts: Path, who: str) -> Path:
     e = run.config.eval
     responses, scored = run.eval_dir / f"{who}_responses.jsonl", run.eval_dir / f"{who}_scored.jsonl"
     if not responses.exists():
-        sample_stage(model, run.tokenizer, prompts, responses, run.sampling_config(e, run.config.seed), run.mesh)
+        sample_stage(model, run.tokenizer, prompts, responses, run.sampling_config(e), run.mesh)
     if not scored.exists():
         score_stage(responses, scored, run.scorer)
     return scored
@@ -519,7 +522,7 @@ def run_pipeline(config: RunConfig, stage: str = "all") -> Run:
         raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)} or 'all'")
     check_inputs(config)
     run = Run(config)
-    save_config(config, run.root / "config.yaml")
+    save_config(run.config, run.root / "config.yaml")
     for name in STAGES if stage == "all" else (stage,):
         STAGE_FUNCTIONS[name](run)
     return run

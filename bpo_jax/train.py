@@ -194,7 +194,7 @@ class Trainer:
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=self.tx.init(params),
-            rng=jax.random.PRNGKey(self.config.seed),
+            rng=jax.random.PRNGKey(0 if self.config.seed is None else self.config.seed),  # None: a TrainSection used outside a run
         )
         return jax.device_put(state, self._state_shardings)
 
