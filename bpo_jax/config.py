@@ -34,6 +34,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import yaml
 
+from bpo_jax.data.readers import is_tfds_reference
+from bpo_jax.data.schema import DataError
 from bpo_jax.io_utils import atomic_open
 from bpo_jax.losses import LOSS_TYPES
 from bpo_jax.models.config import ModelConfig, ModelConfigError
@@ -79,7 +81,7 @@ class DistributedSection:
 
 @dataclasses.dataclass
 class DataSection:
-    prompts: str | None = None  # prompts JSONL/Parquet {id?, prompt}
+    prompts: str | None = None  # prompts {id?, prompt}; every data file key takes JSONL/Parquet or a TFDS dataset: tfds:NAME or a dataset directory, [SPLIT] optional (default train)
     scored: str | None = None  # scored groups {prompt, responses, rewards}: enter at the pairs stage
     pairs: str | None = None  # preference pairs {prompt, chosen, rejected}: enter at the train stage
     eval_prompts: str | None = None  # held-out prompts for eval
@@ -100,7 +102,7 @@ class LoraSection:
 @dataclasses.dataclass
 class SftSection:
     enabled: bool = False  # supervised warm-up on demonstrations before sampling
-    data: str | None = None  # demonstrations: pairs (chosen is the target) or {prompt, response} JSONL
+    data: str | None = None  # demonstrations {prompt, response} (JSONL/Parquet or a TFDS dataset, as data.*)
     steps: int = 200  # optimizer steps
     batch_size: int = 16  # demonstrations per step
     learning_rate: float = 1e-3  # peak learning rate (linear warmup, then cosine)
@@ -662,7 +664,20 @@ def _check_files(config: RunConfig) -> None:
         _check_model_dir("reward.model_path", config.reward.model_path)
     for key in _INPUT_FILES:
         path = _get(config, key)
-        _check(path is None or Path(path).exists(), key, f"file not found: {path}")
+        if path is not None and is_tfds_reference(path):
+            _check_tfds(key, path)
+        else:
+            _check(path is None or Path(path).exists(), key, f"file not found: {path}")
+
+
+def _check_tfds(key: str, reference: str) -> None:
+    """A TFDS input opens: the dataset is prepared (array_record) and has the split (imports tfds)."""
+    from bpo_jax.data.tfds_builder import open_builder
+
+    try:
+        open_builder(reference)
+    except DataError as e:
+        raise ConfigError(key, str(e)) from None
 
 
 def _check_model_dir(key: str, path: str) -> None:

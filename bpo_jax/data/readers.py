@@ -3,22 +3,31 @@
 `read_records(path, kind)` dispatches on the file suffix and returns (records, report). A bad row
 raises `DataError` naming file:line and field; with `skip_bad_rows=True` the row is skipped and
 counted by reason in the `ReadReport` instead (the first few messages are kept for the log).
+
+Every reader also takes a prepared TFDS dataset wherever it takes a file (`is_tfds_reference`):
+`tfds:NAME[/CONFIG][:VERSION]` (a registered name, found under $TFDS_DATA_DIR), `tfds:DIR` or a
+local dataset directory (one holding dataset_info.json, or a dataset/config directory with a single
+prepared version below it), each optionally followed by `[SPLIT]` (default train). Its rows go
+through the same validation, with `REFERENCE[SPLIT]:row N` as their location.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import re
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
 
-from bpo_jax.data.schema import DataError, Kind, Record, infer_kind, parse_record
+from bpo_jax.data.schema import DataError, Kind, PreferencePair, Record, infer_kind, parse_record
 from bpo_jax.io_utils import write_jsonl
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")
 PARQUET_SUFFIXES = (".parquet",)
+TFDS_PREFIX = "tfds:"
+_SPLIT_SUFFIX = re.compile(r"^(.*?)\[(.+)\]$")
 _MAX_EXAMPLES = 5
 
 # (where, 0-based row number, decoded row or the error that stopped decoding it)
@@ -88,8 +97,15 @@ def records_from_rows(
 
 
 def raw_rows(path: str | Path) -> Iterator[RawRow]:
-    """Decoded rows of a JSONL or Parquet file, chosen by suffix."""
+    """Decoded rows of a JSONL or Parquet file (chosen by suffix), or of a TFDS dataset split."""
+    if is_tfds_reference(path):
+        from bpo_jax.data.tfds_builder import tfds_rows  # imports tensorflow_datasets: only when used
+
+        return tfds_rows(str(path))
     path = Path(path)
+    if path.is_dir():
+        raise DataError(str(path), None, "bad_file", "a directory, neither a data file nor a prepared TFDS dataset "
+                        "(no dataset_info.json in it or up to two levels below)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
     name = path.name.lower()
@@ -100,6 +116,47 @@ def raw_rows(path: str | Path) -> Iterator[RawRow]:
     raise DataError(
         str(path), None, "bad_file", f"unsupported file type (expected one of {JSONL_SUFFIXES + PARQUET_SUFFIXES})"
     )
+
+
+def split_tfds_reference(reference: str | Path) -> tuple[str, str]:
+    """(registered name or dataset directory, split) of a TFDS reference; the split defaults to train."""
+    text = str(reference)
+    text = text[len(TFDS_PREFIX):] if text.startswith(TFDS_PREFIX) else text
+    match = _SPLIT_SUFFIX.match(text)
+    target, split = (match.group(1), match.group(2)) if match else (text, "train")
+    # Path() collapses "gs://b/x" to "gs:/b/x" when a caller wrapped the reference in one.
+    return re.sub(r"^([a-z][a-z0-9+.-]*):/(?!/)", r"\1://", target), split
+
+
+def tfds_version_dirs(directory: Path) -> list[Path]:
+    """Prepared dataset versions at or up to two levels below `directory` (dataset_info.json)."""
+    if (directory / "dataset_info.json").is_file():
+        return [directory]
+    found = list(directory.glob("*/dataset_info.json")) + list(directory.glob("*/*/dataset_info.json"))
+    return sorted(p.parent for p in found)
+
+
+def is_tfds_reference(path: str | Path) -> bool:
+    """True for `tfds:...` and for a local directory holding a prepared TFDS dataset."""
+    if str(path).startswith(TFDS_PREFIX):
+        return True
+    directory = Path(split_tfds_reference(path)[0])
+    return directory.is_dir() and bool(tfds_version_dirs(directory))
+
+
+def read_demonstrations(path: str | Path) -> list[PreferencePair]:
+    """SFT demonstrations {prompt, response} as pairs with chosen = rejected = the response.
+
+    The DPO batch format then carries them unchanged through tokenization and batching.
+    """
+    pairs = []
+    for where, index, row in raw_rows(path):
+        if isinstance(row, DataError):
+            raise row
+        if not isinstance(row, dict) or "response" not in row:
+            raise DataError(where, "response", "missing_field", "a demonstration needs 'prompt' and 'response'")
+        pairs.append(parse_record({**row, "chosen": row["response"], "rejected": row["response"]}, "pairs", index, where))
+    return pairs
 
 
 def write_records(path: str | Path, records: Iterable[Record]) -> int:
