@@ -1,7 +1,8 @@
 """BPO's dynamic knowledge depth: gradient clustering, informativeness x usefulness, budgeted allocation.
 
-BPO (Wang et al., NAACL 2025) gives informative, useful prompts more preference pairs (depth) under
-a fixed total. The paper's body was not available to us; these operational definitions are ours:
+BPO (Wang et al., NAACL 2025), as we understand it, gives informative, useful prompts more preference
+pairs (depth) under a fixed total. The paper's body was not available to us: that reading and
+every operational definition here are ours, not the paper's:
 
   features   g_j: the unit-norm projected gradient of candidate pair j's DPO loss (gradients.py).
   clusters   spherical k-means (cosine) into C clusters; centroids are unit vectors.

@@ -1,7 +1,8 @@
 """Per-pair gradient features for BPO's dynamic depth: vmap(grad) + chunked random projection.
 
-BPO (Wang et al., NAACL 2025) clusters preference pairs by the gradient each one induces. The
-paper's body was not available to us; the operational definitions below are ours.
+BPO (Wang et al., NAACL 2025), as we understand it, clusters preference pairs by the gradient each
+one induces. The paper's body was not available to us: that reading and every operational
+definition below are ours, not the paper's.
 
 Feature of pair j (all choices configurable):
   1. g_j = d loss_j / d theta_S: the gradient of the DPO-family loss of pair j *alone* with

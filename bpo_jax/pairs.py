@@ -1,5 +1,13 @@
 """Reward-distribution pair construction ("Finding the Sweet Spot", Xiao et al. 2025).
 
+From the paper: sample n on-policy responses per prompt, score them with a reward model, place
+seven representative points on each prompt's reward distribution, study the 21 pairings of them,
+and recommend chosen = max, rejected = the response nearest mu - 2 sigma. It reports that as n
+grows max/min stalls or degrades while max/mu-2s keeps improving (AlpacaEval 2 LC,
+Llama-3-8B-Instruct + ArmoRM, n = 400: 49.1 vs 42.0). Our choices, not the paper's: the population
+std (ddof=0), lowest-index ties, the edge-case rules below, the `scalable` strategy, and any
+explanation of *why* max/mu-2s scales.
+
 Each prompt has n sampled responses with scalar rewards r. With mu = mean(r) and s = population
 std (ddof=0), seven representative points describe where a response sits in that distribution:
 
@@ -8,16 +16,18 @@ std (ddof=0), seven representative points describe where a response sits in that
 min and max are the exact extremes; the response "at" mu+k*s is the one whose reward is nearest
 mu + k*s. Every tie goes to the lowest response index. A strategy "A/B" pairs the response at
 point A (chosen) with the response at point B (rejected), A above B: all 21 = C(7, 2) pairings are
-selectable by name. The paper's rule is max/mu-2s (our default): unlike max/min it keeps getting
-better as n grows, because the minimum of many samples is an outlier, not a typical bad answer.
+selectable by name. The paper's recommended rule is max/mu-2s (our default). Why it scales is our
+reading, not something we take from the paper: the minimum of many samples drifts into the far
+tail (an outlier), while the response nearest mu-2s stays a typical bad answer.
 
 Samuelson's inequality: every value lies within sqrt(n-1)*s of the mean. For n <= 5, sqrt(n-1) <= 2,
 so mu-2s lies at or below the minimum and the response nearest it *is* the minimum: max/mu-2s and
 max/min coincide there. The two only differ once n >= 6.
 
 Beyond the 21 pairings:
-  scalable       chosen = argmax over all n; rejected = argmin over the first k_rej samples (in
-                 generation order), so the rejected response stays put as more samples are drawn.
+  scalable       ours, not a rule from the paper (an experiment on the same idea): chosen = argmax
+                 over all n; rejected = argmin over the first k_rej samples (in generation order),
+                 so the rejected response stays put as more samples are drawn.
   max/random     chosen = max; rejected uniform among the other n-1 responses.
   max/second     chosen = max; rejected = best response scoring strictly below it (hardest pair).
   random/random  two distinct uniform responses; the higher-scoring one is chosen.
