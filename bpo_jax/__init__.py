@@ -3,16 +3,32 @@
 The names below are the library's front door; each lives in the module of its concept.
 """
 
-from bpo_jax import demo_task
-from bpo_jax.config import RunConfig, load_config
-from bpo_jax.losses import preference_loss, sequence_logps
-from bpo_jax.models import CausalLM, ModelConfig, add_lora, init_model, load_hf_model, save_hf_model
-from bpo_jax.pairs import build_pairs, representative_points, select_pair, select_pairs
-from bpo_jax.pipeline import run_pipeline
-from bpo_jax.sampling import SamplingConfig, generate
-from bpo_jax.train import DPOTrainer, SFTTrainer, TrainState, fit
+import importlib
+from typing import Any
+
+# Imported on first use, so that `python -m bpo_jax.main --help` answers without loading JAX.
+_EXPORTS = {
+    "bpo_jax.config": ("RunConfig", "load_config"),
+    "bpo_jax.losses": ("preference_loss", "sequence_logps"),
+    "bpo_jax.models": ("CausalLM", "ModelConfig", "add_lora", "init_model", "load_hf_model", "save_hf_model"),
+    "bpo_jax.pairs": ("build_pairs", "representative_points", "select_pair", "select_pairs"),
+    "bpo_jax.pipeline": ("run_pipeline",),
+    "bpo_jax.sampling": ("SamplingConfig", "generate"),
+    "bpo_jax.train": ("DPOTrainer", "SFTTrainer", "TrainState", "fit"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "demo_task":
+        return importlib.import_module("bpo_jax.demo_task")
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'bpo_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "CausalLM", "DPOTrainer", "ModelConfig", "RunConfig", "SFTTrainer", "SamplingConfig", "TrainState",

@@ -13,11 +13,27 @@ import argparse
 import sys
 from pathlib import Path
 
-from bpo_jax.pipeline import STAGES
+from bpo_jax.provenance import STAGES  # light: `--help` must not wait for JAX
+
+RESUME_HINT = ("interrupted: run the same command again to resume (finished stages are skipped; sampling and "
+               "scoring continue from their last chunk, training from its last checkpoint)")
+STAGE_HELP = {
+    "stats": "breadth/depth statistics of the configured data files",
+    "sft": "supervised warm-up on demonstrations (sft.enabled)",
+    "sample": "breadth compression (bpo.breadth_enabled), then sample.n on-policy responses per prompt",
+    "score": "reward every response",
+    "pairs": "reward-distribution (sweet-spot) pairs",
+    "bpo": "BPO depth allocation from gradient clusters",
+    "train": "DPO training -> policy/",
+    "eval": "held-out rewards, win rate and preference accuracy, policy vs reference",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bpo_jax.main", description=__doc__.splitlines()[0])
+    epilog = "stages, in order (default: all; finished ones are skipped, stale ones redone):\n" + "\n".join(
+        f"  {name:<7} {STAGE_HELP[name]}" for name in STAGES)
+    parser = argparse.ArgumentParser(prog="python -m bpo_jax.main", description=__doc__.splitlines()[0], epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", nargs="?", default="all", choices=("all",) + STAGES + ("tfds",))
     parser.add_argument("--config", help="YAML run configuration")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -61,6 +77,49 @@ def build_tfds(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; a user error ends in one line on stderr and exit status 2, Ctrl-C in a resume hint."""
+    try:
+        return run_command(argv)
+    except KeyboardInterrupt:
+        print(f"\n{RESUME_HINT}", file=sys.stderr)
+        return 130
+    except Exception as e:  # (`--help` exits through SystemExit, never importing the error classes)
+        if not isinstance(e, user_errors()):
+            raise
+        print(f"error: {describe_error(e)}", file=sys.stderr)
+        return 2
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that describe a problem with the user's config, data, files or disk (not a bug)."""
+    from bpo_jax.config import ConfigError
+    from bpo_jax.data.schema import DataError
+    from bpo_jax.models.config import ModelConfigError
+    from bpo_jax.models.gguf import GGUFError
+    from bpo_jax.models.hf import CheckpointError
+    from bpo_jax.provenance import StaleUpstream
+    from bpo_jax.resumable import ResumeError
+    from bpo_jax.rewards import RewardError
+    from bpo_jax.sampling import SamplingConfigError
+    from bpo_jax.sharding import MeshError
+    from bpo_jax.tokenizer import TokenizerError
+
+    return (ConfigError, DataError, ModelConfigError, GGUFError, CheckpointError, StaleUpstream, ResumeError,
+            RewardError, SamplingConfigError, MeshError, TokenizerError, OSError)
+
+
+def describe_error(e: BaseException) -> str:
+    """One line: OS errors name their file; mesh errors say how to emulate devices on a CPU."""
+    if isinstance(e, OSError) and e.strerror:
+        names = [str(n) for n in (e.filename, e.filename2) if n]
+        return f"{' -> '.join(names) or 'writing output'}: {e.strerror}"
+    text = str(e)
+    if getattr(e, "key", None) == "mesh" or type(e).__name__ == "MeshError":
+        text += " (on a CPU, emulate N devices with XLA_FLAGS=--xla_force_host_platform_device_count=N)"
+    return text
+
+
+def run_command(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.stage == "tfds":
         return build_tfds(args)
@@ -86,18 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         import jax
 
         validate(config, num_devices=jax.device_count())
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ConfigError as e:
+        raise (e if e.where else e.located(args.config)) from None
 
-    from bpo_jax.data.schema import DataError
     from bpo_jax.pipeline import run_pipeline
 
-    try:
-        run_pipeline(config, args.stage)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    run_pipeline(config, args.stage)
     return 0
 
 

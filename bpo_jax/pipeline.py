@@ -23,7 +23,9 @@ import jax
 import numpy as np
 
 from bpo_jax import evaluate
-from bpo_jax.config import EvalSection, OptimSection, RunConfig, SampleSection, TrainSection, resolve_seeds, save_config
+from bpo_jax.config import (
+    EvalSection, OptimSection, RunConfig, SampleSection, TrainSection, config_to_dict, resolve_seeds, save_config,
+)
 from bpo_jax.data.batching import PreferenceBatcher
 from bpo_jax.data.readers import raw_rows, read_records
 from bpo_jax.data.schema import DataError, parse_record
@@ -37,13 +39,13 @@ from bpo_jax.models.llama import CausalLM, init_model
 from bpo_jax.models.lora import add_lora
 from bpo_jax.packaged_assets import resolve_path
 from bpo_jax.pairs import run_pairs_stage
+from bpo_jax.provenance import STAGES, Ledger, StaleUpstream, archive_config, upstream
 from bpo_jax.rewards import RewardConfig, RewardScorer, build_scorer, read_groups, score_stage
 from bpo_jax.sampling import SamplingConfig, sample_stage
 from bpo_jax.sharding import make_mesh, param_sharding, shard_model
 from bpo_jax.tokenizer import Tokenizer
 from bpo_jax.train import DPOTrainer, SFTTrainer, fit, precompute_reference_logps
 
-STAGES = ("stats", "sft", "sample", "score", "pairs", "bpo", "train", "eval")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
@@ -71,6 +73,22 @@ class Run:
     train_pairs = property(lambda self: self.root / "train_pairs.jsonl")
     policy = property(lambda self: self.root / "policy")
     eval_dir = property(lambda self: self.root / "eval")
+
+    def outputs(self, stage: str) -> list[Path]:
+        """Everything `stage` writes in the run directory (never a user's input file)."""
+        r = self.root
+        return {
+            "stats": [r / "stats"],
+            "sft": [self.sft_model, r / "sft"],
+            "sample": [self.selected_prompts, r / "bpo" / "breadth_report.json", self.responses,
+                       r / f".{self.responses.name}.parts"],
+            "score": [r / "scored.jsonl", r / ".scored.jsonl.parts"],
+            "pairs": [self.pairs_dir],
+            "bpo": [r / "bpo" / name for name in ("candidate_pairs.jsonl", "features", "warmup", "depth.png",
+                                                  "scores.png", "bpo_report.json")] + [self.train_pairs],
+            "train": [self.policy, r / "train"],
+            "eval": [self.eval_dir],
+        }[stage]
 
     @property
     def scored(self) -> Path:
@@ -522,7 +540,44 @@ def run_pipeline(config: RunConfig, stage: str = "all") -> Run:
         raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)} or 'all'")
     check_inputs(config)
     run = Run(config)
-    save_config(run.config, run.root / "config.yaml")
-    for name in STAGES if stage == "all" else (stage,):
+    stages = STAGES if stage == "all" else (stage,)
+    ledger = supersede_stale(run, stages)
+    writer = jax.process_index() == 0
+    if writer:
+        kept = archive_config(run.root, config_to_dict(run.config))
+        if kept:
+            log(f"earlier config.yaml kept as {kept}")
+        save_config(run.config, run.root / "config.yaml")
+    for name in stages:
+        if writer:
+            ledger.start(name, config_to_dict(run.config))
         STAGE_FUNCTIONS[name](run)
+        if writer:
+            ledger.finish(name)
     return run
+
+
+def supersede_stale(run: Run, stages: tuple[str, ...]) -> Ledger:
+    """Provenance: move aside the outputs of every stage made with other settings or inputs, so they
+    are redone; refuse to run a single stage on top of a stale upstream stage."""
+    ledger = Ledger(run.root)
+    settings = config_to_dict(run.config)
+    stale = {name: changes for name in STAGES if (changes := ledger.changes(name, settings))}
+    for name in stages:
+        for up in upstream(name):
+            if up in stale and up not in stages and any(p.exists() for p in run.outputs(up)):
+                raise StaleUpstream(
+                    f"{run.root}: stage {name!r} reads the outputs of stage {up!r}, made with other settings "
+                    f"({'; '.join(stale[up])}); run all stages (or {up!r} first)"
+                )
+    if jax.process_index() == 0:
+        for name, changes in stale.items():
+            moved = ledger.supersede(name, run.outputs(name))
+            if moved:
+                log(f"[{name}] stale, settings changed since it ran ({'; '.join(changes)}): redoing it; "
+                    f"its earlier outputs are in {moved}")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("bpo_jax provenance")
+    return ledger

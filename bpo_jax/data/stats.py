@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from bpo_jax.data.readers import read_records
-from bpo_jax.data.schema import prompt_key
+from bpo_jax.data.schema import DataError, prompt_key
 from bpo_jax.io_utils import pyplot, save_figure, write_json
 
 _DEPTH_UNIT = {"pairs": "pairs per prompt", "scored": "responses per prompt", "prompts": "rows per prompt"}
@@ -24,7 +24,7 @@ def dataset_stats(path: str | Path, skip_bad_rows: bool = False) -> dict[str, An
     """Breadth, depth summary and depth histogram {K: number of prompts} of any record file."""
     records, report = read_records(path, "auto", skip_bad_rows=skip_bad_rows)
     if not records:
-        raise ValueError(f"{path}: no records to compute statistics on")
+        raise DataError(str(path), None, "empty", "no records to compute statistics on")
     index: dict[str, int] = {}
     group = np.fromiter((index.setdefault(prompt_key(r.prompt), len(index)) for r in records), np.int64, len(records))
     kind = report.kind

@@ -1,0 +1,55 @@
+"""The command line's manners: a light --help, one-line user errors (exit 2), a resume hint on Ctrl-C."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from bpo_jax import main as cli
+from bpo_jax.provenance import STAGES
+
+
+def test_help_lists_every_stage_without_importing_jax():
+    code = ("import sys\nfrom bpo_jax.main import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('JAX LOADED' if 'jax' in sys.modules else 'NO JAX')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.rstrip().endswith("NO JAX")
+    for stage in STAGES:
+        assert f"\n  {stage:<7} " in out
+
+
+def test_ctrl_c_prints_one_line_resume_hint(monkeypatch, capsys):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_command", interrupted)
+    assert cli.main(["--config", "x.yaml"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == cli.RESUME_HINT and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content, args, expected", [
+    (None, ["--data", "{d}/missing.jsonl"], "error: {d}/missing.jsonl: no such data file"),
+    ("", ["--data", "{d}/f.jsonl"], "error: {d}/f.jsonl: no records to compute statistics on"),
+    ('{"prompt": "a", "chosen": "x", "rejected": "y"}\n{"prompt": "b", "chosen": "x"}\n', ["--data", "{d}/f.jsonl"],
+     "error: {d}/f.jsonl:2: field 'rejected':"),
+    ('{"prompt": "a", "chosen": "x", "rejected": "y"}\n', ["--data", "{d}/f.jsonl", "--out", "{d}/f.jsonl/out"],
+     "error: {d}/f.jsonl/out: Not a directory"),
+])
+def test_stats_user_errors_are_one_line_with_exit_2(tmp_path, capsys, content, args, expected):
+    if content is not None:
+        (tmp_path / "f.jsonl").write_text(content)
+    assert cli.main(["stats", *(a.format(d=tmp_path) for a in args)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(expected.format(d=tmp_path)) and err.count("\n") == 1, err
+
+
+def test_mesh_error_says_how_to_emulate_devices(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  init: {architectures: [LlamaForCausalLM], vocab_size: 8, hidden_size: 8, intermediate_size: 8,\n"
+                      "         num_hidden_layers: 1, num_attention_heads: 1}\nmesh: {data: 3}\n")
+    assert cli.main(["--config", str(config), "train"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {config}: mesh:") and "XLA_FLAGS=--xla_force_host_platform_device_count=N" in err
