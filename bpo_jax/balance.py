@@ -12,10 +12,11 @@ the earlier prompt). Near-duplicate prompts fall into one cluster and collapse t
   tfidf   TF-IDF (sublinear tf) + TruncatedSVD to `dim` components: no model needed
   minilm  the all-MiniLM-L6-v2 sentence encoder (bpo_jax.models.encoder; the `assets` extra)
 
-Uniform balancing gives every prompt the same depth k from its m scored responses: all pairs
-(i, j) with r_i > r_j, ordered by reward margin r_i - r_j (largest first; ties by lower i, then
-lower j), are taken greedily while both responses appear in fewer than `max_uses` pairs so far
-(default m - 1, which only forbids repeating a pair). A prompt with fewer eligible pairs gets
+Uniform balancing gives every prompt the same depth k from its m scored responses: an optional
+first pair (the pipeline passes the pairs.strategy pick), then all pairs (i, j) with r_i > r_j,
+ordered by reward margin r_i - r_j (largest first; ties by lower i, then lower j), are taken
+greedily while both responses appear in fewer than `max_uses` pairs so far (default m - 1, which
+only forbids repeating a pair). A prompt with fewer eligible pairs gets
 fewer, counted in the report.
 """
 
@@ -201,9 +202,12 @@ def breadth_compress(
 # -- uniform balancing ----------------------------------------------------------------------------------
 
 
-def margin_ranked_pairs(rewards: Sequence[float], k: int, max_uses: int | None = None) -> list[tuple[int, int]]:
+def margin_ranked_pairs(
+    rewards: Sequence[float], k: int, max_uses: int | None = None, first: tuple[int, int] | None = None
+) -> list[tuple[int, int]]:
     """Up to k (chosen, rejected) index pairs of one prompt by descending reward margin, each
-    response in at most `max_uses` pairs (default m - 1)."""
+    response in at most `max_uses` pairs (default m - 1). `first`, when given, is taken before
+    the margin ranking (e.g. the prompt's sweet-spot pair) and counts towards both limits."""
     r = np.asarray(rewards, np.float64)
     m = r.size
     if k < 1:
@@ -215,7 +219,13 @@ def margin_ranked_pairs(rewards: Sequence[float], k: int, max_uses: int | None =
     order = np.lexsort((j, i, -(r[i] - r[j])))
     uses = np.zeros(m, np.int64)
     out: list[tuple[int, int]] = []
-    for a, b in zip(i[order].tolist(), j[order].tolist()):
+    ranked = list(zip(i[order].tolist(), j[order].tolist()))
+    if first is not None:
+        first = (int(first[0]), int(first[1]))
+        if not (0 <= first[0] < m and 0 <= first[1] < m and first[0] != first[1]):
+            raise ValueError(f"first pair {first} is not two distinct responses of {m}")
+        ranked = [first] + [pair for pair in ranked if pair != first]
+    for a, b in ranked:
         if uses[a] < cap and uses[b] < cap:
             out.append((a, b))
             uses[a] += 1
@@ -226,17 +236,24 @@ def margin_ranked_pairs(rewards: Sequence[float], k: int, max_uses: int | None =
 
 
 def uniform_balance(
-    groups: Sequence[Mapping[str, Any]], k: int, *, max_uses: int | None = None
+    groups: Sequence[Mapping[str, Any]],
+    k: int,
+    *,
+    max_uses: int | None = None,
+    first_pairs: Sequence[tuple[int, int] | None] | None = None,
 ) -> tuple[list[dict], dict[str, Any]]:
     """Scored groups {id, prompt, responses, rewards} -> k pairs per prompt (module docstring).
 
+    first_pairs[i], when not None, is group i's first pair (margin_ranked_pairs' `first`).
     Pair records {id, prompt, chosen, rejected, meta}; the id is "<group id>/<chosen>-<rejected>".
     """
+    if first_pairs is not None and len(first_pairs) != len(groups):
+        raise ValueError(f"first_pairs has {len(first_pairs)} entries for {len(groups)} groups")
     pairs: list[dict] = []
     short = 0
     for row, g in enumerate(groups):
         rewards = g["rewards"]
-        chosen = margin_ranked_pairs(rewards, k, max_uses)
+        chosen = margin_ranked_pairs(rewards, k, max_uses, None if first_pairs is None else first_pairs[row])
         short += len(chosen) < k
         gid = g.get("id", row)
         for c, rej in chosen:

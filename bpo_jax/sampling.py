@@ -249,6 +249,32 @@ def _decode(graphdef, state, ids, mask, prompt_index, sample_index, valid, seed,
 _decode_jit = jax.jit(_decode, static_argnames=("graphdef", "spec"))
 
 
+class ArmWeights(NamedTuple):
+    """Several models of one shape as one pytree: `params` stacked on a leading arm axis, `frozen`
+    (the non-trained rest) shared; `nnx.merge(graphdef, params[a], frozen)` is arm a's model."""
+
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    frozen: nnx.State
+
+    @property
+    def num_arms(self) -> int:
+        return int(jax.tree.leaves(self.params)[0].shape[0])
+
+
+def _decode_arms(graphdef, params, frozen, *args, spec: DecodeSpec) -> DecodeOutput:
+    """`_decode` of every arm at once (vmap over the stacked params): one program for all arms."""
+
+    def one_arm(arm_params):
+        arm_graphdef, state = nnx.split(nnx.merge(graphdef, arm_params, frozen))
+        return _decode(arm_graphdef, state, *args, spec=spec)
+
+    return jax.vmap(one_arm)(params)
+
+
+_decode_arms_jit = jax.jit(_decode_arms, static_argnames=("graphdef", "spec"))
+
+
 def decode_batch(
     model: CausalLM,
     ids: np.ndarray,
@@ -259,17 +285,23 @@ def decode_batch(
     seed: int,
     spec: DecodeSpec,
     mesh: Mesh,
+    arms: ArmWeights | None = None,
 ) -> DecodeOutput:
     """Decode one left-padded batch (ids/mask int32 [B, P]) on `mesh`; results as host arrays.
 
-    Rows with valid = False are filler: they start finished and return no tokens.
+    Rows with valid = False are filler: they start finished and return no tokens. With `arms`,
+    every arm decodes the same rows with the same keys in one vmapped program, and each output
+    gains a leading arm axis (`model` then only supplies the configuration).
     """
-    graphdef, state = nnx.split(model)
-    state = params_on_mesh(state, mesh)
     arrays = [(ids, np.int32), (mask, np.int32), (prompt_index, np.int32), (sample_index, np.int32), (valid, bool)]
     placed = [to_global(np.asarray(a, dtype), batch_sharding(mesh, np.ndim(a))) for a, dtype in arrays]
     static = spec._replace(min_new_tokens=0)
-    out = _decode_jit(graphdef, state, *placed, np.uint32(seed), np.int32(spec.min_new_tokens), spec=static)
+    dynamic = (*placed, np.uint32(seed), np.int32(spec.min_new_tokens))
+    if arms is None:
+        graphdef, state = nnx.split(model)
+        out = _decode_jit(graphdef, params_on_mesh(state, mesh), *dynamic, spec=static)
+    else:
+        out = _decode_arms_jit(arms.graphdef, arms.params, arms.frozen, *dynamic, spec=static)
     return DecodeOutput(*(None if x is None else to_host(x) for x in out))
 
 
@@ -329,12 +361,15 @@ def generate(
     *,
     indices: Sequence[int] | np.ndarray | None = None,
     progress: bool = True,
-) -> GenerationResult:
+    arms: ArmWeights | None = None,
+) -> GenerationResult | list[GenerationResult]:
     """cfg.n responses to each prompt (token ids, no padding).
 
     `indices` are the prompts' global indices (default 0..N-1); they seed the random keys, so a
     prompt gets the same responses whichever call or batch it is in. Stop tokens are cfg.stop_ids
-    plus the model config's EOS ids.
+    plus the model config's EOS ids. With `arms` (models of `model`'s shape stacked on one axis),
+    all arms sample in one vmapped program with the same keys, and the result is one
+    GenerationResult per arm, each equal to what that arm would sample alone.
     """
     seqs = prompt_ids if isinstance(prompt_ids, RaggedTokens) else RaggedTokens.from_lists(prompt_ids)
     num = len(seqs)
@@ -357,9 +392,10 @@ def generate(
         min_new_tokens=int(cfg.min_new_tokens),
         cache_sharding=batch_sharding(mesh, 4),
     )
-    tokens = np.zeros((num, n, m), np.int32)
-    lengths = np.zeros((num, n), np.int64)
-    finished = np.zeros((num, n), bool)
+    num_arms = 1 if arms is None else arms.num_arms
+    tokens = np.zeros((num_arms, num, n, m), np.int32)
+    lengths = np.zeros((num_arms, num, n), np.int64)
+    finished = np.zeros((num_arms, num, n), bool)
     order = np.argsort(-seqs.lengths, kind="stable")  # longest first: similar lengths share a batch
     start_time, generated = time.perf_counter(), 0
     bar = tqdm(total=num, desc="sampling", unit="prompt", disable=not progress or jax.process_index() != 0)
@@ -378,20 +414,35 @@ def generate(
             cfg.seed,
             spec,
             mesh,
+            arms,
         )
+        if arms is None:
+            out = DecodeOutput(*(None if x is None else x[None] for x in out))
         real = len(prompt_of_row)
-        tokens[sel] = out.tokens[:real].reshape(len(sel), n, m)
-        lengths[sel] = out.lengths[:real].reshape(len(sel), n)
-        finished[sel] = out.finished[:real].reshape(len(sel), n)
-        generated += int(out.lengths[:real].sum())
+        tokens[:, sel] = out.tokens[:, :real].reshape(num_arms, len(sel), n, m)
+        lengths[:, sel] = out.lengths[:, :real].reshape(num_arms, len(sel), n)
+        finished[:, sel] = out.finished[:, :real].reshape(num_arms, len(sel), n)
+        generated += int(out.lengths[:, :real].sum())
         bar.update(len(sel))
         bar.set_postfix(tok_per_s=f"{generated / (time.perf_counter() - start_time):.1f}")
     bar.close()
-    token_lists = [[tokens[i, j, : lengths[i, j]].tolist() for j in range(n)] for i in range(num)]
-    return GenerationResult(token_lists, finished, lengths)
+    results = [
+        GenerationResult([[tokens[a, i, j, : lengths[a, i, j]].tolist() for j in range(n)] for i in range(num)], finished[a], lengths[a])
+        for a in range(num_arms)
+    ]
+    return results[0] if arms is None else results
 
 
 # -- the pipeline stage --------------------------------------------------------------------------
+def response_texts(result: GenerationResult, tokenizer: Tokenizer) -> list[list[str]]:
+    """texts[i][j]: the j-th response to prompt i as text; the stop token ends a response and is
+    not part of its text."""
+    kept = [seq[:-1] if fin else seq for seqs, fins in zip(result.tokens, result.finished) for seq, fin in zip(seqs, fins)]
+    flat = tokenizer.decode_batch(kept)
+    n = result.finished.shape[1] if result.finished.ndim == 2 else 0
+    return [flat[i * n : (i + 1) * n] for i in range(len(result.tokens))]
+
+
 def sample_stage(
     model: CausalLM,
     tokenizer: Tokenizer,
@@ -430,14 +481,12 @@ def sample_stage(
             rec = records[chunk[empty[0]]]
             raise DataError(f"{prompts_path} id={rec.id}", "prompt", "empty", "encodes to no tokens")
         result = generate(model, ids, cfg, mesh, indices=chunk, progress=progress)
-        # The stop token ends a response; it is not part of its text.
-        kept = [seq[:-1] if fin else seq for seqs, fins in zip(result.tokens, result.finished) for seq, fin in zip(seqs, fins)]
-        texts_out = tokenizer.decode_batch(kept)
+        texts_out = response_texts(result, tokenizer)
         out.write_chunk(
             {
                 "id": records[i].id,
                 "prompt": records[i].prompt,
-                "responses": texts_out[k * cfg.n : (k + 1) * cfg.n],
+                "responses": texts_out[k],
                 "truncated": (~result.finished[k]).tolist(),
             }
             for k, i in enumerate(chunk)
