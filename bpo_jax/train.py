@@ -217,6 +217,12 @@ class Trainer:
         or `.cost_analysis()` of it describe exactly the program `train_step` runs."""
         return self._step.lower(state, self.frozen, self.reference_params, self._place(batch))
 
+    @property
+    def pure_step(self):
+        """The step as a pure function (state, frozen, reference_params, batch) -> (state, metrics),
+        not jitted: what `train_step` jits, and what bpo_jax.arms vmaps over stacked arms."""
+        return self._train_step_impl
+
     def _place(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
         """Split over the data axes (a no-op for arrays already placed so, e.g. multi-host input)."""
         return {k: jax.device_put(v, batch_sharding(self.mesh, np.ndim(v))) for k, v in batch.items()}
