@@ -34,8 +34,9 @@ from bpo_jax.models.hf import CheckpointError, load_hf_model, save_hf_model
 from bpo_jax.models.llama import CausalLM
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hf"
-CAUSAL = ["llama_gqa", "qwen2_tied", "mistral"]
-ALL = CAUSAL + ["llama_reward"]
+CAUSAL = ["llama_gqa", "qwen2_tied", "mistral", "mistral_window", "qwen2_window", "qwen3", "gemma3"]
+REWARD = ["llama_reward", "qwen3_reward"]
+ALL = CAUSAL + REWARD
 TOL = 1e-4  # fp32 logits, max abs difference on real tokens
 
 
@@ -106,7 +107,7 @@ def export_with_logits(name: str, directory: Path, **save_options) -> Path:
 
 
 @pytest.mark.parametrize(
-    "name,side", [(n, s) for n in CAUSAL for s in ("right", "left")] + [("llama_reward", "right")]
+    "name,side", [(n, s) for n in CAUSAL for s in ("right", "left")] + [(n, "right") for n in REWARD]
 )
 def test_logits_match_transformers(name, side):
     """Default positions (cumsum(mask) - 1) reproduce transformers on either padding side."""
@@ -118,10 +119,12 @@ def test_logits_match_transformers(name, side):
     assert diff <= TOL, diff
 
 
-def test_reward_scores_match_transformers():
-    ref = reference("llama_reward")
-    scores = rewards(hf_model("llama_reward"), ref["right_input_ids"], ref["right_attention_mask"])
-    assert scores.shape == ref["scores"].shape == (4, 1)
+@pytest.mark.parametrize("name,labels", [("llama_reward", 1), ("qwen3_reward", 3)])
+def test_reward_scores_match_transformers(name, labels):
+    """Pooled scores of every label; the multi-label head's size comes from id2label alone."""
+    ref = reference(name)
+    scores = rewards(hf_model(name), ref["right_input_ids"], ref["right_attention_mask"])
+    assert scores.shape == ref["scores"].shape == (4, labels)
     np.testing.assert_allclose(np.asarray(scores), ref["scores"], atol=TOL, rtol=0)
 
 
@@ -129,6 +132,9 @@ def test_reward_scores_match_transformers():
 def test_rope_frequencies_match_transformers(name):
     ours = rope_inverse_frequencies(hf_model(name).config)
     np.testing.assert_allclose(np.asarray(ours), reference(name)["rope_inv_freq"], rtol=1e-6, atol=0)
+    if "rope_local_inv_freq" in reference(name):  # Gemma 3's sliding layers: own base, unscaled
+        local = rope_inverse_frequencies(hf_model(name).config, local=True)
+        np.testing.assert_allclose(np.asarray(local), reference(name)["rope_local_inv_freq"], rtol=1e-6, atol=0)
 
 
 def test_llama3_fixture_exercises_every_rope_band():

@@ -1,4 +1,8 @@
-"""A Llama-family causal LM (Llama 2/3, Mistral, Qwen2) in Flax NNX.
+"""One decoder for Llama 2/3, Mistral, Qwen2, Qwen3 and Gemma 3 (text) in Flax NNX.
+
+The families differ only in switches of `ModelConfig.family` (q/k norms, Gemma's offset norms
+and extra norms around attention and MLP, embedding scale, activation) and in which layers attend
+through a sliding window (`ModelConfig.layer_window`); the forward pass reads those switches.
 
 Parameter names mirror Hugging Face's module tree (``layers[i].self_attn.q_proj.kernel`` for
 ``model.layers.i.self_attn.q_proj.weight``) so checkpoint import/export is a rename + transpose.
@@ -17,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bpo_jax.models.config import ModelConfig, resolve_dtype, rope_inverse_frequencies
+from bpo_jax.models.config import ACTIVATIONS, ModelConfig, resolve_dtype, rope_inverse_frequencies
 
 _MASKED = jnp.finfo(jnp.float32).min
 
@@ -55,14 +59,19 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
+    """RMS norm times a learned scale; Gemma's variant scales by (1 + weight) in float32."""
+
     def __init__(self, dim: int, *, config: ModelConfig):
-        self.scale = nnx.Param(jnp.ones((dim,), resolve_dtype(config.param_dtype)))
+        self.offset = config.family.norm_offset
+        self.scale = nnx.Param(jnp.full((dim,), 1.0 - self.offset, resolve_dtype(config.param_dtype)))
         self.eps = config.rms_norm_eps
         self.dtype = resolve_dtype(config.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (normed * (self.offset + self.scale[...].astype(jnp.float32))).astype(self.dtype)
         return self.scale[...].astype(self.dtype) * normed.astype(self.dtype)
 
 
@@ -71,9 +80,14 @@ class Embedding(nnx.Module):
         pdt = resolve_dtype(config.param_dtype)
         self.embedding = nnx.Param(0.02 * jax.random.normal(rngs.params(), (vocab_size, dim), pdt))
         self.dtype = resolve_dtype(config.dtype)
+        # Gemma scales input embeddings by sqrt(hidden) (rounded to the weights' dtype, as HF does).
+        self.scale = float(dim**0.5) if config.family.embed_scale else None
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        x = jnp.take(self.embedding[...], ids, axis=0)
+        if self.scale is not None:
+            x = x * jnp.asarray(self.scale, x.dtype)
+        return x.astype(self.dtype)
 
 
 def rotary_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -90,24 +104,48 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
-def segment_attention_mask(segment_ids: jax.Array) -> jax.Array:
-    """[B, T, T] bool: causal, within the same segment, never onto padding (segment 0)."""
+def within_window(q_positions: jax.Array, k_positions: jax.Array, window: int | None) -> jax.Array | bool:
+    """[B, T, S] bool: key at most window - 1 positions before the query (True when no window).
+
+    Distances are in token positions, not array slots, so padding between a prompt and its
+    continuation, or other examples packed into the row, never eat into the window.
+    """
+    if window is None:
+        return True
+    return q_positions[:, :, None] - k_positions[:, None, :] < window
+
+
+def segment_attention_mask(segment_ids: jax.Array, positions: jax.Array | None = None, window: int | None = None) -> jax.Array:
+    """[B, T, T] bool: causal, within the same segment, never onto padding (segment 0), and
+    within `window` positions (needs `positions`) for sliding-window layers."""
     t = segment_ids.shape[1]
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return causal[None] & same & (segment_ids[:, None, :] != 0)
+    mask = causal[None] & same & (segment_ids[:, None, :] != 0)
+    return mask & within_window(positions, positions, window) if window is not None else mask
 
 
-def cache_attention_mask(attention_mask: jax.Array, cache_index: jax.Array, num_queries: int) -> jax.Array:
+def cache_attention_mask(
+    attention_mask: jax.Array,
+    cache_index: jax.Array,
+    num_queries: int,
+    positions: jax.Array | None = None,
+    window: int | None = None,
+) -> jax.Array:
     """[B, T, S] bool for T new tokens written at cache slots cache_index..cache_index+T-1.
 
     `attention_mask` [B, S] marks which cache slots hold real tokens (as in Hugging Face
-    generate, it covers past and new tokens).
+    generate, it covers past and new tokens). With a `window`, the queries' `positions` [B, T]
+    are compared with each slot's position, the count of real slots before it.
     """
     s = attention_mask.shape[1]
     q_slot = cache_index + jnp.arange(num_queries)
     causal = jnp.arange(s)[None, :] <= q_slot[:, None]
-    return causal[None] & (attention_mask[:, None, :] != 0)
+    mask = causal[None] & (attention_mask[:, None, :] != 0)
+    if window is None:
+        return mask
+    slot_positions = jnp.cumsum(attention_mask != 0, axis=1) - 1
+    return mask & within_window(positions, slot_positions, window)
 
 
 class Attention(nnx.Module):
@@ -120,9 +158,13 @@ class Attention(nnx.Module):
         self.q_proj = Linear(h, self.num_heads * hd, use_bias=bias, config=config, rngs=rngs)
         self.k_proj = Linear(h, self.num_kv_heads * hd, use_bias=bias, config=config, rngs=rngs)
         self.v_proj = Linear(h, self.num_kv_heads * hd, use_bias=bias, config=config, rngs=rngs)
-        # Qwen2 has q/k/v biases but none on o_proj; Llama's attention_bias covers all four.
-        o_bias = bias and config.model_type != "qwen2"
+        # Qwen2 has q/k/v biases but none on o_proj; elsewhere attention_bias covers all four.
+        o_bias = bias and not config.family.qkv_bias_only
         self.o_proj = Linear(self.num_heads * hd, h, use_bias=o_bias, config=config, rngs=rngs)
+        qk_norm = config.family.qk_norm
+        self.q_norm = RMSNorm(hd, config=config) if qk_norm else None
+        self.k_norm = RMSNorm(hd, config=config) if qk_norm else None
+        self.scale = (config.query_pre_attn_scalar or hd) ** -0.5
 
     def __call__(
         self,
@@ -134,8 +176,11 @@ class Attention(nnx.Module):
         cache_index: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         b, t, _ = x.shape
-        q = apply_rotary(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         new_cache = None
         if cache is not None:
@@ -143,20 +188,21 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
             v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
             new_cache = (k, v)
-        out = grouped_query_attention(q, k, v, mask)
+        out = grouped_query_attention(q, k, v, mask, self.scale)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new_cache
 
 
-def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float | None = None) -> jax.Array:
     """Softmax attention with query heads grouped over shared kv heads; softmax in float32.
 
     q [B, T, H, D], k/v [B, S, K, D] with H a multiple of K, mask [B, T, S] -> [B, T, H, D].
+    Scores are scaled by `scale` (default D ** -0.5).
     """
     b, t, h, d = q.shape
     kvh = k.shape[2]
     q = q.reshape(b, t, kvh, h // kvh, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
-    scores = scores * (d**-0.5)
+    scores = scores * (d**-0.5 if scale is None else scale)
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
@@ -169,9 +215,10 @@ class MLP(nnx.Module):
         self.gate_proj = Linear(h, i, use_bias=bias, config=config, rngs=rngs)
         self.up_proj = Linear(h, i, use_bias=bias, config=config, rngs=rngs)
         self.down_proj = Linear(i, h, use_bias=bias, config=config, rngs=rngs)
+        self.act = config.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nnx.Module):
@@ -180,12 +227,18 @@ class DecoderLayer(nnx.Module):
         self.self_attn = Attention(config, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config=config)
         self.mlp = MLP(config, rngs=rngs)
+        # Gemma: post_attention_layernorm normalizes the attention output, two more wrap the MLP.
+        sandwich = config.family.sandwich_norms
+        self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, config=config) if sandwich else None
+        self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config=config) if sandwich else None
 
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
         attn, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
-        x = x + attn
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, new_cache
+        if self.pre_feedforward_layernorm is None:
+            x = x + attn
+            return x + self.mlp(self.post_attention_layernorm(x)), new_cache
+        x = x + self.post_attention_layernorm(attn)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), new_cache
 
 
 def _layer_no_cache(layer: DecoderLayer, x, cos, sin, mask):
@@ -232,13 +285,31 @@ class CausalLM(nnx.Module):
             raise ValueError("packed input (segment_ids) needs explicit per-segment positions")
         if positions is None:
             positions = default_positions(attention_mask)
-        mask = segment_attention_mask(segment_ids)
-        cos, sin = rotary_tables(positions, rope_inverse_frequencies(self.config))
+        inputs = self._layer_inputs(positions, lambda window: segment_attention_mask(segment_ids, positions, window))
         x = self.embed_tokens(input_ids)
         run = _layer_remat if self.config.remat else _layer_no_cache
-        for layer in self.layers:
+        for layer, (cos, sin, mask) in zip(self.layers, inputs):
             x = run(layer, x, cos, sin, mask)
         return self.norm(x)
+
+    def _layer_inputs(self, positions: jax.Array, make_mask) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
+        """(cos, sin, mask) per layer: sliding layers get their window (and Gemma's local rope);
+        each distinct table or mask is built once. `make_mask(window)` builds a mask."""
+        c = self.config
+        built: dict = {}
+
+        def once(key, make):
+            if key not in built:
+                built[key] = make()
+            return built[key]
+
+        out = []
+        for i in range(c.num_hidden_layers):
+            window = c.layer_window(i)
+            local = window is not None and c.rope_local_theta is not None
+            cos, sin = once(("rope", local), lambda: rotary_tables(positions, rope_inverse_frequencies(c, local)))
+            out.append((cos, sin, once(("mask", window), lambda: make_mask(window))))
+        return out
 
     def __call__(
         self,
@@ -292,11 +363,13 @@ class CausalLM(nnx.Module):
 
         attention_mask [B, S] covers every cache slot (past and new) and marks real tokens.
         """
-        mask = cache_attention_mask(attention_mask, cache_index, input_ids.shape[1])
-        cos, sin = rotary_tables(positions, rope_inverse_frequencies(self.config))
+        t = input_ids.shape[1]
+        inputs = self._layer_inputs(
+            positions, lambda window: cache_attention_mask(attention_mask, cache_index, t, positions, window)
+        )
         x = self.embed_tokens(input_ids)
         keys, values = [], []
-        for layer, k, v in zip(self.layers, cache.keys, cache.values):
+        for layer, k, v, (cos, sin, mask) in zip(self.layers, cache.keys, cache.values, inputs):
             x, (k, v) = layer(x, cos, sin, mask, (k, v), cache_index)
             keys.append(k)
             values.append(v)
