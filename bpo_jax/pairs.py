@@ -54,7 +54,6 @@ scored group records into pair records.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -62,6 +61,8 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from bpo_jax.data.readers import is_tfds_reference, raw_rows
+from bpo_jax.data.schema import DataError
 from bpo_jax.io_utils import pyplot, save_figure, write_json, write_jsonl
 
 POINTS = ("min", "mu-2s", "mu-s", "mu", "mu+s", "mu+2s", "max")
@@ -713,17 +714,13 @@ def plot_reward_distribution(
 
 
 def _read_scored(path: Path) -> tuple[list[dict], list[str]]:
-    """Records of a scored-groups JSONL file and a 'file:line' label for each."""
+    """Rows of a scored-groups file (JSONL, Parquet or TFDS) and a 'file:line' label for each."""
     groups, labels = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                groups.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            labels.append(f"{path}:{lineno}")
+    for where, _, row in raw_rows(path):
+        if isinstance(row, DataError):
+            raise row
+        groups.append(row)
+        labels.append(where)
     return groups, labels
 
 
@@ -739,7 +736,7 @@ def run_pairs_stage(
     presence means the stage finished.
     """
     scored_path, out_dir = Path(scored_path), Path(out_dir)
-    if not scored_path.is_file():
+    if not scored_path.is_file() and not is_tfds_reference(scored_path):
         raise FileNotFoundError(f"{scored_path}: scored groups file not found")
     groups, labels = _read_scored(scored_path)
     pairs, report = build_pairs(groups, strategy, row_labels=labels, **options)

@@ -29,7 +29,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import grain
 import numpy as np
@@ -96,9 +96,12 @@ class BpoPreferences(tfds.core.GeneratorBasedBuilder):
         return {split: self._generate_examples(path) for split, path in files.items()}
 
     def _generate_examples(self, path: str) -> Iterator[tuple[int, dict[str, Any]]]:
-        records = read_demonstrations(path) if self.kind == "demonstrations" else iter_records(path, self.kind)
-        for i, record in enumerate(records):
+        for i, record in enumerate(_records(path, self.kind)):
             yield i, _encode(record, self.kind)
+
+
+def _records(path: str | Path, kind: str) -> Iterable[Record]:
+    return read_demonstrations(path) if kind == "demonstrations" else iter_records(path, kind)
 
 
 def file_kind(path: str | Path) -> str:
@@ -132,6 +135,9 @@ def build_tfds_dataset(
     kind = file_kind(first) if kind == "auto" else kind
     if kind not in DATASET_KINDS:
         raise ValueError(f"kind {kind!r} is not one of {', '.join(DATASET_KINDS)} or 'auto'")
+    for path in paths.values():  # a bad row stops here, before TFDS starts writing
+        for _ in _records(path, kind):
+            pass
     name = name or _config_name(Path(first))
     described = ", ".join(f"{s}: {p}" for s, p in paths.items())
     config = BpoPreferencesConfig(name=name, description=f"{kind} from {described}", files=paths, kind=kind)
