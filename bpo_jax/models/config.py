@@ -306,7 +306,7 @@ class ModelConfig:
                 sliding_window=window,
                 layer_types=layer_types,
                 rope_local_theta=rope_local_theta if fam.windows == "layer_types" else None,
-                query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", 256)) if fam.windows == "layer_types" else None,
+                query_pre_attn_scalar=d.get("query_pre_attn_scalar", 256) if fam.windows == "layer_types" else None,
                 label_names=label_names,
                 **run_options,
             )
