@@ -40,6 +40,33 @@ def _umask() -> int:
     return mask
 
 
+def temp_dir_beside(path: str | Path) -> Path:
+    """A fresh hidden directory beside `path` with ordinary (umask) permissions, to be renamed onto it.
+
+    mkdtemp makes 0700 directories: a model written that way would be unreadable to other users
+    and to a serving process on a shared disk.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    ordinary_permissions(tmp)
+    return tmp
+
+
+def ordinary_permissions(path: str | Path) -> None:
+    """Give a file 0666, a directory 0777, less the umask (some writers, e.g. safetensors, make 0600)."""
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~_umask())
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a written file (or a directory's entries, after a rename) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """Write `obj` as indented JSON, atomically."""
     with atomic_open(path) as f:

@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that describe a problem with the user's config, data, files or disk (not a bug)."""
+    from bpo_jax.checkpointing import CheckpointDamaged
     from bpo_jax.config import ConfigError
     from bpo_jax.data.schema import DataError
     from bpo_jax.models.config import ModelConfigError
@@ -104,7 +105,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from bpo_jax.sharding import MeshError
     from bpo_jax.tokenizer import TokenizerError
 
-    return (ConfigError, DataError, ModelConfigError, GGUFError, CheckpointError, StaleUpstream, ResumeError,
+    return (CheckpointDamaged, ConfigError, DataError, ModelConfigError, GGUFError, CheckpointError, StaleUpstream, ResumeError,
             RewardError, SamplingConfigError, MeshError, TokenizerError, OSError)
 
 

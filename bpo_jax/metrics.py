@@ -8,13 +8,30 @@ always describes exactly one straight run.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import jax
 
 from bpo_jax.io_utils import atomic_open, pyplot, save_figure
+from bpo_jax.resumable import ResumeError
 
 CURVES = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "grad_norm")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics file; a torn last line (the run was killed mid-append) is dropped."""
+    with open(path, encoding="utf-8") as f:
+        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for i, line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != lines[-1][0]:
+                raise ResumeError(f"{path}:{i}: not a JSON metrics record; delete the file to start its log afresh") from None
+            warnings.warn(f"{path}:{i}: dropping a torn last line (the run was killed while writing it)", stacklevel=2)
+    return rows
 
 
 class MetricsLogger:
@@ -29,16 +46,17 @@ class MetricsLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            with open(self.path) as f:
-                rows = [json.loads(line) for line in f if line.strip()]
-            self.history = [r for r in rows if r["step"] <= start_step]
+            self.history = [r for r in read_metrics(self.path) if r["step"] <= start_step]
             with atomic_open(self.path) as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.history)
         self._file = open(self.path, "a")
         from tensorboardX import SummaryWriter
         from tqdm.auto import tqdm
 
-        self._tb = SummaryWriter(str(self.run_dir / "tensorboard" / name))
+        # purge_step: TensorBoard drops the events a killed run logged past the resumed step. The suffix
+        # keeps a resume within the same second from overwriting the first run's event file.
+        self._tb = SummaryWriter(str(self.run_dir / "tensorboard" / name), purge_step=start_step + 1 if start_step else None,
+                                 filename_suffix=f".from_step_{start_step}")
         self._bar = tqdm(total=total_steps, initial=start_step, desc=name, unit="step", dynamic_ncols=True)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:

@@ -13,19 +13,18 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from bpo_jax.io_utils import write_json
+from bpo_jax.io_utils import fsync_path, ordinary_permissions, temp_dir_beside, write_json
 from bpo_jax.models.config import ModelConfig, resolve_dtype
 from bpo_jax.models.llama import CausalLM, Linear
 from bpo_jax.models.lora import lora_delta
@@ -63,9 +62,20 @@ def _open_checkpoint(directory: Path) -> tuple[Path, dict[str, Path]]:
         return index, files
     single = directory / SINGLE_FILE
     if single.exists():
-        with safe_open(single, framework="np") as f:
+        with _safetensors(single) as f:
             return single, {name: single for name in f.keys()}
     raise FileNotFoundError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} found")
+
+
+@contextlib.contextmanager
+def _safetensors(file: Path) -> Iterator[Any]:
+    """safe_open, with errors that name the file (safetensors' own messages do not)."""
+    try:
+        handle = safe_open(file, framework="np")
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+    with handle as f:
+        yield f
 
 
 def load_hf_model(
@@ -90,8 +100,11 @@ def load_hf_model(
         def read(name: str) -> np.ndarray:
             file = tensor_files[name]
             if file not in handles:
-                handles[file] = stack.enter_context(safe_open(file, framework="np"))
-            return handles[file].get_tensor(name)
+                handles[file] = stack.enter_context(_safetensors(file))
+            try:
+                return handles[file].get_tensor(name)
+            except SafetensorError as e:
+                raise CheckpointError(f"{file}: tensor {name!r}: unreadable safetensors data ({e})") from None
 
         return load_params(config, {n: str(f) for n, f in tensor_files.items()}, read, source=str(listing), shardings=shardings)
 
@@ -199,8 +212,7 @@ def save_hf_model(
     tensors = export_tensors(model, dtype)
     if jax.process_index() != 0:
         return directory
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp = temp_dir_beside(directory)  # files inside follow the umask too
     try:
         config = model.config.to_hf_dict()
         if dtype is not None:
@@ -226,9 +238,13 @@ def save_hf_model(
             write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
         for fname, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / fname)
+        for written in tmp.iterdir():
+            ordinary_permissions(written)
+            fsync_path(written)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
+        fsync_path(directory.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
