@@ -17,7 +17,8 @@ Two ways to start N processes (one per node; each uses all GPUs of its node):
   on every node (e.g. `srun --ntasks-per-node=1 launch/gpu_multinode.sh --config ...`):
     --num-processes N     default: $SLURM_NTASKS
     --process-id I        default: $SLURM_PROCID
-    --coordinator H:PORT  default: first host of $SLURM_JOB_NODELIST (via scontrol) and --port
+    --coordinator H:PORT  default: first host of $SLURM_JOB_NODELIST and --port (scontrol when
+                          installed, else read from the hostlist: gpu[01-04],x -> gpu01)
 
   from one head node over ssh (a shared filesystem or the same checkout on every host):
     --hosts H0,H1,...     process i runs on host i; the coordinator is H0:PORT
@@ -65,6 +66,22 @@ while (($#)); do
 done
 [[ -n "$config" ]] || die "--config FILE is required"
 
+# The first host of a SLURM hostlist: scontrol's answer where SLURM's tools are installed, else
+# read from the list itself (prefix + first number of a bracket + suffix), so that --dry-run and
+# machines without scontrol work too.
+first_host() {
+  if command -v scontrol >/dev/null; then
+    scontrol show hostnames "$1" | head -n 1
+    return
+  fi
+  local re='^([^][,]*)\[([0-9]+)[^]]*\]([^][,]*)'
+  if [[ "$1" =~ $re ]]; then
+    echo "${BASH_REMATCH[1]}${BASH_REMATCH[2]}${BASH_REMATCH[3]}"
+  else
+    echo "${1%%,*}"
+  fi
+}
+
 # Set main_cmd: the command of process $3 of $2, coordinated by $1.
 build_main() {
   main_cmd=("$python" -m bpo_jax.main --config "$config"
@@ -101,7 +118,7 @@ if ! [[ "$process_id" =~ ^[0-9]+$ ]] || ((process_id >= num_processes)); then
 fi
 if [[ -z "$coordinator" ]]; then
   [[ -n "${SLURM_JOB_NODELIST:-}" ]] || die "--coordinator HOST:PORT is required outside SLURM"
-  head_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+  head_node="$(first_host "$SLURM_JOB_NODELIST")"
   [[ -n "$head_node" ]] || die "no host in SLURM_JOB_NODELIST='$SLURM_JOB_NODELIST'"
   coordinator="$head_node:$port"
 fi

@@ -20,12 +20,17 @@ commands:
                                        v4 -> tpu-ubuntu2204-base)
              --queued                  request a queued resource (waits for capacity) instead
              --spot                    Spot capacity (cheaper, can be preempted)
-  setup    put bpo_jax on every worker and pip-install it (with jax[tpu])
+  setup    put bpo_jax on every worker: the code, uv (installed to ~/.local/bin if missing), a
+           Python >= --python-version in REMOTE_DIR/.venv (TPU images ship 3.10; uv fetches one),
+           then bpo_jax with jax[tpu] into it; safe to rerun (a good .venv is kept)
              --git URL [--ref REF]     clone URL and check out REF (default main) on each worker;
                                        without --git, this checkout is copied (no .git, .venv, runs)
              --copy SRC:DEST           also copy a local file/directory to DEST on every worker
-                                       (repeatable; e.g. a model directory to /mnt/models/...)
-  run      run `python -m bpo_jax.main` on all workers at once, multi-host enabled
+                                       (repeatable; DEST, or a file's directory, is created and made
+                                       writable by the login user first, with sudo where needed)
+             --python-version V        Python for the venv (default 3.11, the lowest bpo_jax supports)
+  run      run `python -m bpo_jax.main` on all workers at once; multi-host is the config's
+           distributed.enabled (set it with --set distributed.enabled=true if the config does not)
              --config FILE             config path inside the repository on the workers (required)
              --set KEY=VALUE           config override (repeatable)
              --stage STAGE             run only this stage
@@ -43,7 +48,7 @@ common options:
   --zone ZONE          e.g. us-west4-a; default: gcloud's configured compute/zone
   --project PROJECT    default: gcloud's configured project
   --remote-dir DIR     repository directory on the workers, relative to home (default bpo_jax)
-  --python PY          Python interpreter on the workers (default python3)
+  --python PY          run: Python interpreter on the workers (default .venv/bin/python, from setup)
   --dry-run            print the commands instead of running them
   -h, --help           this help
 USAGE
@@ -69,16 +74,16 @@ common="--name --zone --project --remote-dir --python --dry-run -h --help"
 case "$command" in
   -h | --help) usage && exit 0 ;;
   create) allowed="--accelerator-type --version --queued --spot" ;;
-  setup) allowed="--git --ref --copy" ;;
+  setup) allowed="--git --ref --copy --python-version" ;;
   run) allowed="--config --set --stage --detach" ;;
   logs) allowed="--run-dir --dest" ;;
   delete) allowed="--queued" ;;
   *) die "unknown command '$command' (create, setup, run, logs, delete; see --help)" ;;
 esac
 
-name="" zone="" project="" remote_dir="bpo_jax" python="python3"
+name="" zone="" project="" remote_dir="bpo_jax" python=".venv/bin/python"
 accelerator="" version="" queued=0 spot=0
-git_url="" git_ref="main" copies=()
+git_url="" git_ref="main" copies=() python_version="3.11"
 config="" sets=() stage="" detach=0
 run_dir="" dest="."
 while (($#)); do
@@ -101,8 +106,13 @@ while (($#)); do
     --version) version="$2" ;;
     --git) git_url="$2" ;;
     --ref) git_ref="$2" ;;
+    --python-version)
+      [[ "$2" =~ ^3\.[0-9]+$ ]] || die "--python-version needs MAJOR.MINOR (e.g. 3.11), got '$2'"
+      python_version="$2"
+      ;;
     --copy)
       [[ "$2" == *:* ]] || die "--copy needs SRC:DEST, got '$2'"
+      [[ -e "${2%%:*}" ]] || die "--copy: no such local file or directory: ${2%%:*}"
       copies+=("$2")
       ;;
     --config) config="$2" ;;
@@ -154,16 +164,47 @@ setup() {
   fi
   local item
   for item in "${copies[@]}"; do
-    run gcloud compute tpus tpu-vm scp --recurse "${item%%:*}" "$name:${item#*:}" "${gcloud_flags[@]}" --worker=all
+    copy_to_workers "${item%%:*}" "${item#*:}"
   done
-  local py
-  py="$(quote_args "$python")"
-  on_all_workers "cd $dir && $py -m pip install --quiet --upgrade pip && $py -m pip install --quiet -e . $(quote_args 'jax[tpu]')"
+  on_all_workers "$(install_command)"
+}
+
+# Copy a local file or directory's contents to DEST on every worker; reruns overwrite in place.
+copy_to_workers() {
+  local src="$1" dest="$2" target
+  if [[ -d "$src" ]]; then
+    target="$dest"
+  else
+    target="$(dirname "$dest")"
+  fi
+  # The login user cannot write outside home (e.g. /mnt) without sudo: create and hand it over.
+  local q
+  q="$(quote_args "$target")"
+  on_all_workers "{ mkdir -p $q 2>/dev/null || sudo mkdir -p $q; } && { test -w $q || sudo chown \"\$(id -u):\$(id -g)\" $q; }"
+  if [[ -d "$src" ]]; then
+    local contents=("$src"/*)
+    [[ -e "${contents[0]}" ]] || die "--copy: $src is empty"
+    run gcloud compute tpus tpu-vm scp --recurse "${contents[@]}" "$name:$dest/" "${gcloud_flags[@]}" --worker=all
+  else
+    run gcloud compute tpus tpu-vm scp "$src" "$name:$dest" "${gcloud_flags[@]}" --worker=all
+  fi
+}
+
+# The worker-side install: uv if missing, a venv with Python >= python_version unless one is
+# there already, then bpo_jax and jax[tpu] (libtpu comes from PyPI). Every step is a no-op or an
+# in-place update when it has run before.
+install_command() {
+  local want="(${python_version/./, })" uv_installer="https://astral.sh/uv/install.sh"
+  echo "export PATH=\"\$HOME/.local/bin:\$PATH\" && cd $dir" \
+    "&& { command -v uv >/dev/null || curl -LsSf $uv_installer | sh; }" \
+    "&& { .venv/bin/python -c 'import sys; sys.exit(sys.version_info[:2] < $want)' 2>/dev/null" \
+    "|| uv venv --clear --python $python_version .venv; }" \
+    "&& uv pip install --quiet --python .venv/bin/python -e . $(quote_args 'jax[tpu]')"
 }
 
 run_main() {
   [[ -n "$config" ]] || die "run needs --config FILE (a path inside the repository on the workers)"
-  local main=("$python" -m bpo_jax.main --config "$config" --set distributed.enabled=true) item
+  local main=("$python" -m bpo_jax.main --config "$config") item
   for item in "${sets[@]}"; do
     main+=(--set "$item")
   done

@@ -7,6 +7,7 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,20 +59,82 @@ def test_tpu_create_vm_and_queued_resource():
     assert "--version=my-runtime" in custom
 
 
-def test_tpu_setup_copies_checkout_and_installs_on_all_workers():
-    cmds = dry(TPU, "setup", "--name", "bpo", "--zone", "z", "--copy", "/local/model:/mnt/models/m")
-    tar, upload, unpack, cleanup, copy, install = cmds
+INSTALL = [
+    "export", 'PATH=$HOME/.local/bin:$PATH', "&&", "cd", "bpo_jax",
+    "&&", "{", "command", "-v", "uv", ">/dev/null", "||", "curl", "-LsSf", "https://astral.sh/uv/install.sh", "|", "sh;", "}",
+    "&&", "{", ".venv/bin/python", "-c", "import sys; sys.exit(sys.version_info[:2] < (3, 11))", "2>/dev/null",
+    "||", "uv", "venv", "--clear", "--python", "3.11", ".venv;", "}",
+    "&&", "uv", "pip", "install", "--quiet", "--python", ".venv/bin/python", "-e", ".", "jax[tpu]",
+]
+
+
+def test_tpu_setup_copies_checkout_and_installs_on_all_workers(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (model / name).write_text("{}")
+    cmds = dry(TPU, "setup", "--name", "bpo", "--zone", "z", "--copy", f"{model}:/mnt/models/m",
+               "--copy", f"{model / 'config.json'}:/mnt/extra/c.json")
+    tar, upload, unpack, cleanup, prepare, copy, prepare_file, copy_file, install = cmds
     assert tar[:2] == ["tar", "-czf"] and tar[-3:] == ["-C", str(REPO), "."]
     assert {"--exclude=./.git", "--exclude=./.venv", "--exclude=./runs"} <= set(tar)
     assert upload[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and upload[5] == tar[2]
-    assert copy[5:8] == ["--recurse", "/local/model", "bpo:/mnt/models/m"]
-    for cmd in (upload, unpack, copy, install):
+    # A directory's files go into DEST (a rerun overwrites them, never nests a second copy); DEST is
+    # made first, writable by the login user. A file goes to DEST, after its directory is made.
+    assert copy[5:9] == ["--recurse", str(model / "config.json"), str(model / "model.safetensors"), "bpo:/mnt/models/m/"]
+    assert "/mnt/models/m" in remote_command(prepare) and "sudo chown" in remote_command(prepare)
+    assert copy_file[5:7] == [str(model / "config.json"), "bpo:/mnt/extra/c.json"]
+    assert shlex.split(remote_command(prepare_file))[:3] == ["{", "mkdir", "-p"] and "/mnt/extra" in remote_command(prepare_file)
+    for cmd in (upload, unpack, prepare, copy, copy_file, install):
         assert "--worker=all" in cmd and "--zone=z" in cmd
     assert cleanup == ["rm", "-f", tar[2]]
     assert shlex.split(remote_command(unpack))[:3] == ["mkdir", "-p", "bpo_jax"]
-    assert shlex.split(remote_command(install)) == [
-        "cd", "bpo_jax", "&&", "python3", "-m", "pip", "install", "--quiet", "--upgrade", "pip",
-        "&&", "python3", "-m", "pip", "install", "--quiet", "-e", ".", "jax[tpu]"]
+    assert shlex.split(remote_command(install)) == INSTALL
+
+
+def _stub(directory: Path, name: str, body: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / name).write_text("#!/bin/sh\n" + body)
+    (directory / name).chmod(0o755)
+
+
+def test_tpu_setup_install_line_is_idempotent(tmp_path):
+    """The worker-side install line, run twice by a shell as on a fresh TPU VM (no uv, Python 3.10):
+    the first run installs uv and makes the venv, the second only updates packages in place."""
+    [install] = [c for c in dry(TPU, "setup", "--name", "bpo", "--git", "https://x/b.git") if "uv" in remote_command(c)]
+    home, log = tmp_path / "home", tmp_path / "calls.log"
+    (home / "bpo_jax").mkdir(parents=True)
+    fake_bin = tmp_path / "bin"
+    # curl | sh installs a stub uv into ~/.local/bin; `uv venv` links a Python >= 3.11 (this one).
+    uv_stub = (f'echo "uv $*" >> {log}\n'
+               f'if [ "$1" = venv ]; then mkdir -p .venv/bin && ln -sf {sys.executable} .venv/bin/python; fi\n')
+    _stub(fake_bin, "curl", f'echo "curl $*" >> {log}\n'
+          f"printf 'mkdir -p $HOME/.local/bin && cat > $HOME/.local/bin/uv <<\"EOF\"\\n#!/bin/sh\\n%s\\nEOF\\n"
+          f"chmod +x $HOME/.local/bin/uv\\n' {shlex.quote(uv_stub)}\n")
+    env = {"HOME": str(home), "PATH": f"{fake_bin}:/usr/bin:/bin"}
+    for _ in range(2):
+        subprocess.run(["bash", "-c", remote_command(install)], cwd=home, env=env, check=True, capture_output=True)
+    calls = log.read_text().splitlines()
+    pip = "uv pip install --quiet --python .venv/bin/python -e . jax[tpu]"
+    assert calls == ["curl -LsSf https://astral.sh/uv/install.sh", "uv venv --clear --python 3.11 .venv", pip, pip]
+    # A venv with too old a Python is replaced.
+    (home / "bpo_jax" / ".venv" / "bin" / "python").unlink()
+    _stub(home / "bpo_jax" / ".venv" / "bin", "python", "exit 1\n")
+    subprocess.run(["bash", "-c", remote_command(install)], cwd=home, env=env, check=True, capture_output=True)
+    assert log.read_text().splitlines()[4:] == ["uv venv --clear --python 3.11 .venv", pip]
+
+
+def test_tpu_copy_destination_made_with_sudo_when_mkdir_is_denied(tmp_path):
+    src = tmp_path / "weights.bin"
+    src.write_text("w")
+    dest = tmp_path / "mnt" / "models" / "w.bin"
+    prepare, _ = dry(TPU, "setup", "--name", "bpo", "--git", "https://x/b.git", "--copy", f"{src}:{dest}")[1:3]
+    fake_bin, log = tmp_path / "bin", tmp_path / "sudo.log"
+    _stub(fake_bin, "mkdir", "exit 1\n")  # as for /mnt without root
+    _stub(fake_bin, "sudo", f'echo "$*" >> {log}\nPATH=/usr/bin:/bin exec "$@"\n')
+    env = {"PATH": f"{fake_bin}:/usr/bin:/bin"}
+    subprocess.run(["bash", "-c", remote_command(prepare)], env=env, check=True, capture_output=True)
+    assert dest.parent.is_dir() and log.read_text().splitlines()[0] == f"mkdir -p {dest.parent}"
 
 
 def test_tpu_setup_from_git():
@@ -89,9 +152,9 @@ def test_tpu_run_same_command_on_all_workers(tmp_path):
     [cmd] = dry(TPU, "run", "--name", "bpo", "--config", config, "--set", "run_dir=runs/a b", "--stage", "train")
     assert cmd[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "bpo"] and "--worker=all" in cmd
     words = shlex.split(remote_command(cmd))
-    start = words.index("python3")
-    assert words[start : start + 10] == ["python3", "-m", "bpo_jax.main", "--config", config,
-                                         "--set", "distributed.enabled=true", "--set", "run_dir=runs/a b", "train"]
+    start = words.index(".venv/bin/python")  # the venv that setup made
+    assert words[start : start + 8] == [".venv/bin/python", "-m", "bpo_jax.main", "--config", config,
+                                        "--set", "run_dir=runs/a b", "train"]
     # Execute the remote line as a worker's shell would, with a stub interpreter: the arguments
     # arrive intact (spaces included) and the output lands in this host's log file.
     stub = stub_python(tmp_path)
@@ -99,14 +162,23 @@ def test_tpu_run_same_command_on_all_workers(tmp_path):
     (tmp_path / "bpo_jax").mkdir()
     subprocess.run(["bash", "-c", remote_command(cmd)], cwd=tmp_path, check=True, capture_output=True)
     log = tmp_path / "bpo_jax" / "logs" / f"bpo_jax-{socket.gethostname()}.log"
-    assert log.read_text().splitlines() == ["-m", "bpo_jax.main", "--config", config,
-                                            "--set", "distributed.enabled=true", "--set", "run_dir=runs/a b"]
+    assert log.read_text().splitlines() == ["-m", "bpo_jax.main", "--config", config, "--set", "run_dir=runs/a b"]
+
+
+@pytest.mark.parametrize("config, multihost", [("configs/tpu_v5e_8.yaml", False), ("configs/tpu_v5p_64_multihost.yaml", True)])
+def test_tpu_run_leaves_multihost_to_the_config(config, multihost):
+    """One source of truth: the config's distributed.enabled (v5e-8 is one host, v5p-64 eight)."""
+    from bpo_jax.config import load_config
+
+    [cmd] = dry(TPU, "run", "--name", "bpo", "--config", config)
+    assert "distributed" not in remote_command(cmd)
+    assert load_config(REPO / config, check_files=False).distributed.enabled is multihost
 
 
 def test_tpu_run_detached():
     [cmd] = dry(TPU, "run", "--name", "bpo", "--config", "configs/tpu_v5e_8.yaml", "--detach")
     words = shlex.split(remote_command(cmd))
-    assert words[words.index("python3") - 1] == "nohup" and words[-1] == "&"
+    assert words[words.index(".venv/bin/python") - 1] == "nohup" and words[-1] == "&"
 
 
 def test_tpu_logs_from_worker_zero_and_delete():
@@ -133,6 +205,8 @@ def test_tpu_logs_from_worker_zero_and_delete():
         (["delete"], "delete needs --name"),
         (["run", "--name"], "--name needs a value"),
         (["setup", "--name", "x", "--copy", "nocolon"], "--copy needs SRC:DEST"),
+        (["setup", "--name", "x", "--copy", "/no/such/model:/mnt/m"], "--copy: no such local file or directory: /no/such/model"),
+        (["setup", "--name", "x", "--python-version", "3"], "--python-version needs MAJOR.MINOR"),
     ],
 )
 def test_tpu_usage_errors(args, message):
@@ -191,6 +265,16 @@ def test_gpu_slurm_process_env(fake_scontrol, process_id, tmp_path):
         "distributed.num_processes": "2",
         "distributed.process_id": str(process_id),
     }
+
+
+@pytest.mark.parametrize("nodelist, head", [("gpu[01-02]", "gpu01"), ("a,b", "a"), ("node7", "node7"),
+                                             ("gpu[3,5-6],cpu1", "gpu3"), ("rack[1-2]-ib,x", "rack1-ib")])
+def test_gpu_slurm_without_scontrol(nodelist, head, tmp_path):
+    """No SLURM tools on PATH (a dry run on a laptop): the head node is read from the hostlist."""
+    env = {"PATH": "/usr/bin:/bin", "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_JOB_NODELIST": nodelist}
+    assert shutil.which("scontrol", path=env["PATH"]) is None
+    _, cmd = dry(GPU, "--config", "c.yaml", "--workdir", str(tmp_path), env=env)
+    assert _distributed_sets(cmd)["distributed.coordinator_address"] == f"{head}:12355"
 
 
 def test_gpu_explicit_arguments_override_slurm(fake_scontrol):
