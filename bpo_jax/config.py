@@ -126,6 +126,7 @@ class RewardSection:
     kind: str = "rule"  # rule | model | precomputed | gym
     function: str | None = None  # "module:function" scoring (prompt, response) -> float, for kind=rule
     model_path: str | None = None  # reward model directory (Hugging Face ...ForSequenceClassification), for kind=model
+    label: int | str | None = None  # kind=model: the head output that is the reward (id2label name or index); null: the only one
     gym_task: str | None = None  # reasoning-gym task name, for kind=gym
     gym_config: dict | None = None  # extra reasoning-gym task options
     batch_size: int = 16  # responses scored per batch

@@ -167,7 +167,7 @@ class Run:
         """The configured reward (None: rewards come with the data)."""
         r = self.config.reward
         cfg = RewardConfig(kind=r.kind, model_path=r.model_path, rule=r.function, gym_task=r.gym_task,
-                           gym_config=r.gym_config, batch_size=r.batch_size)
+                           gym_config=r.gym_config, batch_size=r.batch_size, label=r.label)
         return build_scorer(cfg, self.mesh)
 
     def sampling_config(self, section: SampleSection | EvalSection) -> SamplingConfig:

@@ -64,6 +64,7 @@ class RewardConfig:
     gym_config: dict | None = None  # its reasoning_gym.create_dataset options (size, seed, ...)
     batch_size: int = 16  # sequences per reward-model batch / responses per rule call
     max_length: int = 0  # > 0: reward-model inputs keep their last max_length tokens
+    label: int | str | None = None  # the head output that is the reward (id2label name or index); None: the only one
     dtype: str = "float32"  # reward-model compute dtype
 
     def __post_init__(self) -> None:
@@ -116,7 +117,29 @@ def _checked(values: Any, expected: int, name: str, labels: Sequence[str]) -> np
 # -- reward model --------------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnames="graphdef")
 def _scores(graphdef, state, ids, mask):
-    return nnx.merge(graphdef, state).rewards(ids, mask)[:, 0]
+    return nnx.merge(graphdef, state).rewards(ids, mask)
+
+
+def reward_label_index(model: CausalLM, label: int | str | None) -> int:
+    """Which output of a classification head is the reward: `label` names it (an id2label name
+    or an index); None is allowed only for a one-label head (`reward.label` in the run config)."""
+    c = model.config
+    if not c.is_reward_model:
+        raise RewardError(
+            f"reward model: architecture {c.architecture} with num_labels={c.num_labels}; "
+            "a scalar reward needs a *ForSequenceClassification checkpoint"
+        )
+    names = c.label_names or tuple(f"LABEL_{i}" for i in range(c.num_labels))
+    if label is None and c.num_labels == 1:
+        return 0
+    if isinstance(label, int) and 0 <= label < c.num_labels:
+        return label
+    if isinstance(label, str) and label in names:
+        return names.index(label)
+    raise RewardError(
+        f"reward.label: {label!r} does not pick one of the reward model's {c.num_labels} labels "
+        f"{list(names)}; set it to a label name or an index 0..{c.num_labels - 1}"
+    )
 
 
 def score_tokens(
@@ -126,13 +149,11 @@ def score_tokens(
     mesh: Mesh | None = None,
     *,
     max_length: int = 0,
+    label: int | str | None = None,
 ) -> np.ndarray:
-    """Reward-model scores (float32 [N]) of token sequences, batched and sharded over the data axis."""
-    if not model.config.is_reward_model or model.config.num_labels != 1:
-        raise RewardError(
-            f"reward model: architecture {model.config.architecture} with num_labels={model.config.num_labels}; "
-            "a scalar reward needs a *ForSequenceClassification checkpoint with num_labels=1"
-        )
+    """Reward-model scores (float32 [N]) of token sequences, batched and sharded over the data
+    axis; `label` picks the head output of a multi-label model (see reward_label_index)."""
+    column = reward_label_index(model, label)
     seqs = keep_last(seqs if isinstance(seqs, RaggedTokens) else RaggedTokens.from_lists(seqs), max_length)
     mesh = mesh or default_mesh()
     graphdef, state = nnx.split(model)
@@ -164,13 +185,21 @@ def reward_model_inputs(prompts: Sequence[Text], responses: Sequence[Text], toke
 
 
 def model_scorer(
-    model: CausalLM, tokenizer: Tokenizer, batch_size: int, mesh: Mesh | None = None, *, max_length: int = 0, name: str = "model"
+    model: CausalLM,
+    tokenizer: Tokenizer,
+    batch_size: int,
+    mesh: Mesh | None = None,
+    *,
+    max_length: int = 0,
+    name: str = "model",
+    label: int | str | None = None,
 ) -> RewardScorer:
-    """A scorer running `model`'s score head over tokenized prompt + response."""
+    """A scorer running `model`'s score head (output `label`) over tokenized prompt + response."""
+    reward_label_index(model, label)  # a wrong label fails before any scoring
 
     def fn(prompts: list[Text], responses: list[Text]) -> np.ndarray:
         ids = reward_model_inputs(prompts, responses, tokenizer)
-        return score_tokens(model, ids, batch_size, mesh, max_length=max_length)
+        return score_tokens(model, ids, batch_size, mesh, max_length=max_length, label=label)
 
     # score_tokens batches (and length-sorts) a whole chunk itself.
     return RewardScorer(f"model {name}", fn, batch_size=None)
@@ -185,9 +214,10 @@ def score_with_model(
     mesh: Mesh | None = None,
     *,
     max_length: int = 0,
+    label: int | str | None = None,
 ) -> np.ndarray:
     """Reward-model scores of each (prompt, response) pair, float64 [N]."""
-    return model_scorer(model, tokenizer, batch_size, mesh, max_length=max_length)(prompts, responses)
+    return model_scorer(model, tokenizer, batch_size, mesh, max_length=max_length, label=label)(prompts, responses)
 
 
 # -- rule rewards --------------------------------------------------------------------------------
@@ -236,7 +266,7 @@ def build_scorer(cfg: RewardConfig, mesh: Mesh | None = None) -> RewardScorer | 
     shardings = param_sharding(mesh) if mesh is not None else None
     model = load_hf_model(cfg.model_path, dtype=cfg.dtype, shardings=shardings)
     tokenizer = Tokenizer.from_pretrained(cfg.model_path)
-    return model_scorer(model, tokenizer, cfg.batch_size, mesh, max_length=cfg.max_length, name=cfg.model_path)
+    return model_scorer(model, tokenizer, cfg.batch_size, mesh, max_length=cfg.max_length, name=cfg.model_path, label=cfg.label)
 
 
 # -- the pipeline stage --------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import pytest
 
 from bpo_jax.models.config import ModelConfigError
 from bpo_jax.models.hf import load_hf_model, save_hf_model
+from bpo_jax.rewards import RewardError, score_tokens
 from bpo_jax.sampling import DecodeSpec, decode_batch, default_mesh
 from test_models_hf import FIXTURES, forward, hf_model, real_token_diff, reference, rewrite_config
 
@@ -136,3 +137,26 @@ def test_unsupported_config_is_refused(tmp_path, fixture, edit, field):
         load_hf_model(directory)
     message = str(info.value)
     assert f"'{field}'" in message and str(directory / "config.json") in message and "\n" not in message, message
+
+
+# -- multi-label reward heads ----------------------------------------------------------------------
+
+
+def reward_rows(name: str) -> list[list[int]]:
+    ref = reference(name)
+    return [list(row[m.astype(bool)]) for row, m in zip(ref["right_input_ids"], ref["right_attention_mask"])]
+
+
+@pytest.mark.parametrize("label,column", [("harmlessness", 1), (2, 2), ("helpfulness", 0)])
+def test_reward_label_picks_the_transformers_score(label, column):
+    """reward.label (an id2label name or an index) picks that output of transformers' pooled scores."""
+    scores = score_tokens(hf_model("qwen3_reward"), reward_rows("qwen3_reward"), batch_size=4, label=label)
+    np.testing.assert_allclose(scores, reference("qwen3_reward")["scores"][:, column], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("label", [None, "safety", 3, -1])
+def test_reward_label_must_pick_one_of_several(label):
+    with pytest.raises(RewardError) as info:
+        score_tokens(hf_model("qwen3_reward"), [[3, 4]], batch_size=1, label=label)
+    message = str(info.value)
+    assert message.startswith("reward.label:") and "['helpfulness', 'harmlessness', 'honesty']" in message, message
