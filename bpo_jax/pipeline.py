@@ -43,6 +43,7 @@ from bpo_jax.provenance import STAGES, Ledger, StaleUpstream, archive_config, up
 from bpo_jax.rewards import RewardConfig, RewardScorer, build_scorer, read_groups, score_stage
 from bpo_jax.sampling import SamplingConfig, sample_stage
 from bpo_jax.sharding import make_mesh, param_sharding, shard_model
+from bpo_jax.stage_inputs import check_stage_inputs
 from bpo_jax.tokenizer import Tokenizer
 from bpo_jax.train import DPOTrainer, SFTTrainer, fit, precompute_reference_logps
 
@@ -540,6 +541,8 @@ def run_pipeline(config: RunConfig, stage: str = "all") -> Run:
         raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)} or 'all'")
     check_inputs(config)
     run = Run(config)
+    if stage != "all":
+        check_stage_inputs(run, stage)  # names the stage that writes a missing input
     stages = STAGES if stage == "all" else (stage,)
     ledger = supersede_stale(run, stages)
     writer = jax.process_index() == 0
