@@ -27,8 +27,8 @@ from bpo_jax.config import (
     EvalSection, OptimSection, RunConfig, SampleSection, TrainSection, config_to_dict, resolve_seeds, save_config,
 )
 from bpo_jax.data.batching import PreferenceBatcher
-from bpo_jax.data.readers import raw_rows, read_records
-from bpo_jax.data.schema import DataError, parse_record
+from bpo_jax.data.readers import read_demonstrations, read_records
+from bpo_jax.data.schema import parse_record
 from bpo_jax.data.stats import write_stats
 from bpo_jax.data.tokenize import TokenizedPairs, tokenize_pairs
 from bpo_jax.io_utils import atomic_open, write_json, write_jsonl
@@ -200,21 +200,6 @@ def stage_stats(run: Run) -> None:
         out = run.root / "stats" / name
         if path and not _done(out / f"{Path(path).name.split('.')[0]}.stats.json", "stats"):
             write_stats(path, out)  # prints the table
-
-
-def read_demonstrations(path: str | Path) -> list:
-    """SFT demonstrations {prompt, response} as pairs with chosen = rejected = the response.
-
-    The DPO batch format then carries them unchanged through tokenization and batching.
-    """
-    pairs = []
-    for where, index, row in raw_rows(path):
-        if isinstance(row, DataError):
-            raise row
-        if not isinstance(row, dict) or "response" not in row:
-            raise DataError(where, "response", "missing_field", "a demonstration needs 'prompt' and 'response'")
-        pairs.append(parse_record({**row, "chosen": row["response"], "rejected": row["response"]}, "pairs", index, where))
-    return pairs
 
 
 def stage_sft(run: Run) -> None:
