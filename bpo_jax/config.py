@@ -289,14 +289,25 @@ _Loader.add_implicit_resolver(
 
 
 def _read_yaml(path: Path) -> tuple[Any, _Origins]:
-    """Parse a YAML file; also record the line of every mapping key as `file:line`."""
+    """Parse a YAML file; also record the line of every mapping key as `file:line`.
+
+    Aliases (`*name`) are refused before anything is built: a few lines of nested aliases expand to
+    billions of nodes ("billion laughs"), and a config is short enough to write out. Duplicate keys
+    are refused too (YAML would silently keep the last).
+    """
     origins = _Origins(str(path))
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(None, f"cannot read config file ({e.strerror})", str(path)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(None, f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})", str(path)) from None
     loader = _Loader(text)
     try:
+        for event in yaml.parse(text, Loader=_Loader):
+            if isinstance(event, yaml.AliasEvent):
+                raise ConfigError(None, f"YAML alias *{event.anchor} is not supported: write the value out",
+                                  f"{path}:{event.start_mark.line + 1}")
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else {}
     except yaml.YAMLError as e:
@@ -306,7 +317,10 @@ def _read_yaml(path: Path) -> tuple[Any, _Origins]:
     finally:
         loader.dispose()
     for key, key_node in _key_nodes(node, ""):
-        origins[key] = f"{path}:{key_node.start_mark.line + 1}"
+        where = f"{path}:{key_node.start_mark.line + 1}"
+        if key in origins:
+            raise ConfigError(key, f"duplicate key (first at {origins[key]})", where)
+        origins[key] = where
     return data, origins
 
 

@@ -135,7 +135,7 @@ ERROR_CASES = [
     ("  optim: 5\n", [], "train.optim", "optim:", "must be a mapping"),
     ("lora:\n  targets: q_proj\n", [], "lora.targets", "targets:", "expected tuple[str, ...], got str 'q_proj'"),
     ("lora:\n  targets: [q_proj, 3]\n", [], "lora.targets", "targets:", "expected tuple[str, ...]"),
-    ("reward:\n  gym_config: [1, 2]\n", [], "reward.gym_config", "gym_config:", "expected dict | None"),
+    ("", ["reward.gym_config=[1, 2]"], "reward.gym_config", None, "expected dict | None"),  # (BASE has a reward: section; a second one is a duplicate key)
     ("  loss_type: sigmod\n", [], "train.loss_type", "loss_type:", "did you mean 'sigmoid'?"),
     ("model2: {}\n", [], "model2", "model2:", "did you mean model?"),
     ("pairs:\n  strategy: mu-2s/max\n", [], "pairs.strategy", "strategy:", "did you mean max/mu-2s?"),

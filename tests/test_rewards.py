@@ -337,7 +337,7 @@ def test_precomputed_rewards_are_validated(tmp_path, bad, message):
 def test_score_stage_input_errors(rules, tmp_path):
     scorer = rule_scorer(f"{RULES}:word_count", batch_size=8)
     path = write_jsonl(tmp_path / "dup.jsonl", [sampled_groups(1)[0]] * 2)
-    with pytest.raises(ResumeError, match=r"dup.jsonl: record 2: field 'id': duplicate id 'p0'"):
+    with pytest.raises(DataError, match=r"dup.jsonl:2: field 'id': duplicate id 'p0' \(first at .*dup.jsonl:1\)"):
         score_stage(path, tmp_path / "out.jsonl", scorer, progress=False)
     path = write_jsonl(tmp_path / "empty.jsonl", [{"id": "a", "prompt": "q", "responses": ["x", ""]}])
     with pytest.raises(DataError, match=r"empty.jsonl:1: field 'responses\[1\]': empty"):

@@ -75,7 +75,12 @@ def iter_records(
 def records_from_rows(
     rows: Iterable[RawRow], kind: Kind | Literal["auto"], skip_bad_rows: bool, report: ReadReport
 ) -> Iterator[Record]:
-    """Normalize raw rows from any source, raising or counting bad ones (shared by all readers)."""
+    """Normalize raw rows from any source, raising or counting bad ones (shared by all readers).
+
+    Besides each row's own fields: ids must be unique (resuming and joining go by id), and a pair's
+    chosen must differ from its rejected (such a pair has no preference to learn).
+    """
+    first_seen: dict[str, str] = {}
     for where, index, row in rows:
         report.n_rows += 1
         try:
@@ -84,6 +89,11 @@ def records_from_rows(
             if kind == "auto" and isinstance(row, dict):
                 kind = infer_kind(row)
             record = parse_record(row, kind, index, where)
+            if record.id in first_seen:
+                raise DataError(where, "id", "duplicate_id", f"duplicate id {record.id!r} (first at {first_seen[record.id]})")
+            if isinstance(record, PreferencePair) and record.chosen == record.rejected:
+                raise DataError(where, "rejected", "same_as_chosen", "chosen and rejected are identical: no preference")
+            first_seen[record.id] = where
         except DataError as e:
             if not skip_bad_rows:
                 raise
@@ -183,9 +193,28 @@ def _decode_line(raw: bytes, where: str, index: int) -> RawRow:
             where, None, "not_utf8", f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
         )
     try:
-        return where, index, json.loads(text.lstrip("\ufeff"))
+        return where, index, json.loads(text.lstrip("\ufeff"), object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e:
         return where, index, DataError(where, None, "invalid_json", f"invalid JSON: {e.msg} at column {e.colno}")
+    except _DuplicateKey as e:
+        return where, index, DataError(where, str(e), "duplicate_key", "key appears twice in one object")
+    except (ValueError, RecursionError) as e:  # an integer over Python's digit limit; absurdly deep nesting
+        problem = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        return where, index, DataError(where, None, "invalid_json", f"unreadable JSON: {problem}")
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object hook: a repeated key is an error (json.loads would silently keep the last value)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 def _parquet_rows(path: Path) -> Iterator[RawRow]:
