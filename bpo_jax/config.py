@@ -617,6 +617,10 @@ def _check_contradictions(config: RunConfig) -> None:
     if _needs_scoring(config):
         _check_reward(config.reward)
     _check(not config.sft.enabled or config.sft.data is not None, "sft.data", "sft.enabled needs a demonstrations file")
+    for name in ("sample", "eval"):
+        s = getattr(config, name)
+        _check(s.min_new_tokens <= s.max_new_tokens, f"{name}.min_new_tokens",
+               f"must not exceed {name}.max_new_tokens ({s.max_new_tokens}), got {s.min_new_tokens}")
     dist = config.distributed
     if dist.process_id is not None:
         _check(dist.num_processes is not None, "distributed.process_id", "needs distributed.num_processes too")

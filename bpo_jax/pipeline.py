@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
+import tempfile
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
@@ -24,11 +26,12 @@ import numpy as np
 
 from bpo_jax import evaluate
 from bpo_jax.config import (
-    EvalSection, OptimSection, RunConfig, SampleSection, TrainSection, config_to_dict, resolve_seeds, save_config,
+    ConfigError, EvalSection, OptimSection, RunConfig, SampleSection, TrainSection, config_to_dict, resolve_seeds,
+    save_config,
 )
 from bpo_jax.data.batching import PreferenceBatcher
 from bpo_jax.data.readers import read_demonstrations, read_records
-from bpo_jax.data.schema import parse_record
+from bpo_jax.data.schema import DataError, parse_record
 from bpo_jax.data.stats import write_stats
 from bpo_jax.data.tokenize import TokenizedPairs, tokenize_pairs
 from bpo_jax.io_utils import atomic_open, write_json, write_jsonl
@@ -510,14 +513,53 @@ STAGE_FUNCTIONS: dict[str, Callable[[Run], None]] = {
 
 
 def check_inputs(config: RunConfig) -> None:
-    """Read every configured input file once, so a bad row stops the run before any heavy work."""
+    """Everything that can fail cheaply, tried before any heavy work: every input file read once (none
+    may be empty), the rule reward function imported and its signature checked, the run directory
+    writable."""
     d = config.data
     for kind, path in (("prompts", d.prompts), ("prompts", d.eval_prompts), ("pairs", d.eval_pairs),
                        ("scored", d.scored), ("pairs", d.pairs)):
-        if path:
-            read_records(path, kind, d.skip_bad_rows)
-    if config.sft.enabled:
-        read_demonstrations(config.sft.data)
+        if path and not read_records(path, kind, d.skip_bad_rows)[0]:
+            raise DataError(str(path), None, "empty", f"no {kind} records in the file")
+    if config.sft.enabled and not read_demonstrations(config.sft.data):
+        raise DataError(str(config.sft.data), None, "empty", "no demonstrations in the file")
+    r = config.reward
+    if r.kind == "rule" and d.prompts and not (d.scored or d.pairs):
+        check_rule_signature(r.function)
+    root = Path(config.run_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=root).close()
+    except OSError as e:
+        raise OSError(e.errno, f"run_dir is not writable ({e.strerror})", str(root)) from None
+
+
+def check_vocabulary(run: Run) -> None:
+    """Token ids past the model's embedding table would be silently clamped on device: refuse up front."""
+    m = run.config.model
+    if m.gguf is not None or (m.tokenizer is None and m.path is None):  # a GGUF file holds both: they match
+        return
+    model = ModelConfig.from_hf_dict(dict(m.init), source="model.init") if m.init else ModelConfig.from_file(m.path)
+    if run.tokenizer.vocab_size > model.vocab_size:
+        raise ConfigError("model.tokenizer" if m.tokenizer else "model.path",
+                          f"the tokenizer has {run.tokenizer.vocab_size} tokens but the model's vocabulary only "
+                          f"{model.vocab_size} (vocab_size of {'model.init' if m.init else m.path})",
+                          str(run.tokenizer_dir / "tokenizer.json"))
+
+
+def check_rule_signature(spec: str) -> None:
+    """reward.function is called as f(prompts, responses) on lists; say so now rather than after sampling."""
+    from bpo_jax.rewards import RewardError, load_rule
+
+    rule = load_rule(spec)
+    try:
+        signature = inspect.signature(rule)
+    except (TypeError, ValueError):  # some builtins have no signature to check
+        return
+    try:
+        signature.bind(["prompt"], ["response"])
+    except TypeError as e:
+        raise RewardError(f"reward.function {spec}: cannot be called as f(prompts, responses) with two lists ({e})") from None
 
 
 def run_pipeline(config: RunConfig, stage: str = "all") -> Run:
@@ -526,6 +568,7 @@ def run_pipeline(config: RunConfig, stage: str = "all") -> Run:
         raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)} or 'all'")
     check_inputs(config)
     run = Run(config)
+    check_vocabulary(run)
     if stage != "all":
         check_stage_inputs(run, stage)  # names the stage that writes a missing input
     stages = STAGES if stage == "all" else (stage,)

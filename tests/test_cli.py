@@ -53,3 +53,26 @@ def test_mesh_error_says_how_to_emulate_devices(tmp_path, capsys):
     assert cli.main(["--config", str(config), "train"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {config}: mesh:") and "XLA_FLAGS=--xla_force_host_platform_device_count=N" in err
+
+
+DEMO = ["--config", "configs/demo.yaml", "--set", "mesh.data=-1"]  # -1: every (emulated) device
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["data.prompts={d}/empty.jsonl"], "{d}/empty.jsonl: no prompts records in the file"),
+    (["reward.function=operator:neg"],
+     "reward.function operator:neg: cannot be called as f(prompts, responses) with two lists"),
+    (["reward.function=no_such_module_xyz:f"], "rule reward 'no_such_module_xyz:f': cannot import module"),
+    (["run_dir={d}/empty.jsonl/run"], "{d}/empty.jsonl/run: run_dir is not writable (Not a directory)"),
+    (["model.init.vocab_size=8"], "bpo_jax/assets/demo_sort/tokenizer.json: model.tokenizer: the tokenizer has 15 "
+                                  "tokens but the model's vocabulary only 8"),
+    (["sample.min_new_tokens=20"], "sample.min_new_tokens: must not exceed sample.max_new_tokens (10), got 20"),
+])
+def test_cheap_checks_stop_the_run_before_any_model_work(tmp_path, capsys, monkeypatch, overrides, expected):
+    monkeypatch.chdir(cli.Path(__file__).resolve().parents[1])
+    (tmp_path / "empty.jsonl").write_text("")
+    sets = [f"run_dir={tmp_path}/run"] + [o.format(d=tmp_path) for o in overrides]
+    assert cli.main([*DEMO, *(a for s in sets for a in ("--set", s))]) == 2
+    err = capsys.readouterr().err
+    assert expected.format(d=tmp_path) in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run" / "sft").exists()
