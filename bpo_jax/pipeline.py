@@ -23,6 +23,7 @@ from typing import Callable
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from bpo_jax import evaluate
 from bpo_jax.config import (
@@ -246,12 +247,12 @@ def breadth_selection(run: Run, prompts: Path) -> Path:
     b = run.config.bpo
     if not b.breadth_enabled:
         return prompts
-    if _done(run.selected_prompts, "breadth"):
+    if _done(run.selected_prompts, "sample"):
         return run.selected_prompts
     records, _ = read_records(prompts, "prompts", run.config.data.skip_bad_rows)
 
     def embed(texts: list) -> np.ndarray:
-        log(f"[breadth] embedding {len(texts)} unique prompts ({b.embedder})")
+        log(f"[sample] breadth compression: embedding {len(texts)} unique prompts ({b.embedder})")
         model = run.load_model(run.reference_dir) if b.embedder == "policy" else None
         return balance.embed_prompts(
             texts, b.embedder, model=model, tokenizer=run.tokenizer if model is not None else None,
@@ -262,7 +263,7 @@ def breadth_selection(run: Run, prompts: Path) -> Path:
     kept, report = balance.breadth_compress(records, b.num_prompts, embed, seed=b.seed)
     write_json(run.root / "bpo" / "breadth_report.json", {"input": str(prompts), "embedder": b.embedder, **report})
     write_records(run.selected_prompts, kept)
-    log(f"[breadth] kept {report['breadth_after']} of {report['breadth_before']} unique prompts -> {run.selected_prompts}")
+    log(f"[sample] breadth compression kept {report['breadth_after']} of {report['breadth_before']} unique prompts -> {run.selected_prompts}")
     return run.selected_prompts
 
 
@@ -424,7 +425,9 @@ def with_reference_logps(run: Run, data: TokenizedPairs, model: CausalLM) -> Tok
         saved = np.load(cache)
         return data.with_ref_logps(saved["chosen"], saved["rejected"])
     log(f"[train] precomputing reference log-probs of {len(data)} pairs")
-    batches = PreferenceBatcher(data, run.config.train.batch_size, shuffle=False, buckets=run.buckets()).epoch_batches()
+    batcher = PreferenceBatcher(data, run.config.train.batch_size, shuffle=False, buckets=run.buckets())
+    batches = tqdm(batcher.epoch_batches(), total=batcher.batches_per_epoch, desc="reference log-probs", unit="batch",
+                   disable=jax.process_index() != 0)
     index, chosen, rejected = precompute_reference_logps(model, batches, run.mesh, run.config.train.vocab_chunk)
     order = np.argsort(index)
     chosen, rejected = chosen[order], rejected[order]
