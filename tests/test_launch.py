@@ -327,3 +327,11 @@ def test_scripts_are_strict_and_executable():
 def test_shellcheck_clean():
     proc = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS)], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_launch_readme_shows_the_install_line_setup_runs():
+    text = (REPO / "launch" / "README.md").read_text()
+    block = text.split("On the worker, `setup` runs this line", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    shown = shlex.split(block.replace("\\\n", " "))
+    [install] = [c for c in dry(TPU, "setup", "--name", "bpo", "--git", "https://x/b.git") if "uv" in remote_command(c)]
+    assert shown == shlex.split(remote_command(install)) == INSTALL
