@@ -124,7 +124,7 @@ class SampleSection:
 @dataclasses.dataclass
 class RewardSection:
     kind: str = "rule"  # rule | model | precomputed | gym
-    function: str | None = None  # "module:function" scoring (prompt, response) -> float, for kind=rule
+    function: str | None = None  # "module:function", called as f(prompts, responses) -> list of floats, for kind=rule; imported and run: trust a config like code
     model_path: str | None = None  # reward model directory (Hugging Face ...ForSequenceClassification), for kind=model
     label: int | str | None = None  # kind=model: the head output that is the reward (id2label name or index); null: the only one
     gym_task: str | None = None  # reasoning-gym task name, for kind=gym
