@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench.common import PEER_PYTHON_ENV, REPO, SIZES, machine_description, render_report
 
-ORDER = ("dpo", "sampling", "gradients", "pairs", "packing", "logps", "mfu")
+ORDER = ("dpo", "sampling", "gradients", "pairs", "packing", "logps", "mfu", "arms")
 DEFAULT_OUT = REPO / "docs" / "benchmarks.md"
 
 PREAMBLE = """

@@ -58,9 +58,9 @@ def sort_reward(prompts: Sequence[str], responses: Sequence[str]) -> list[float]
     return [sort_score(p, r) for p, r in zip(prompts, responses)]
 
 
-def make_prompts(n: int, seed: int) -> list[list[int]]:
+def make_prompts(n: int, seed: int, min_len: int = MIN_LEN, max_len: int = MAX_LEN) -> list[list[int]]:
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(MIN_LEN, MAX_LEN + 1, size=n)
+    lengths = rng.integers(min_len, max_len + 1, size=n)
     return [rng.integers(0, 10, size=int(k)).tolist() for k in lengths]
 
 
@@ -90,7 +90,16 @@ def build_tokenizer():
     return tok
 
 
-def write_assets(out_dir: str | Path, *, n_train: int = 384, n_eval: int = 96, n_sft: int = 512, swap_prob: float = 0.35) -> None:
+def write_assets(
+    out_dir: str | Path,
+    *,
+    n_train: int = 384,
+    n_eval: int = 96,
+    n_sft: int = 512,
+    swap_prob: float = 0.35,
+    min_len: int = MIN_LEN,
+    max_len: int = MAX_LEN,
+) -> None:
     """Write tokenizer + prompts.jsonl + eval_prompts.jsonl + sft.jsonl + eval_pairs.jsonl (disjoint seeds)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,28 +110,35 @@ def write_assets(out_dir: str | Path, *, n_train: int = 384, n_eval: int = 96, n
         out / "tokenizer_config.json",
         {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "model_max_length": 64},
     )
-    write_jsonl(out / "prompts.jsonl", ({"id": f"train-{i}", "prompt": format_prompt(d)} for i, d in enumerate(make_prompts(n_train, 1))))
-    write_jsonl(out / "eval_prompts.jsonl", ({"id": f"eval-{i}", "prompt": format_prompt(d)} for i, d in enumerate(make_prompts(n_eval, 2))))
+    write_jsonl(out / "prompts.jsonl", ({"id": f"train-{i}", "prompt": format_prompt(d)} for i, d in enumerate(make_prompts(n_train, 1, min_len, max_len))))
+    write_jsonl(out / "eval_prompts.jsonl", ({"id": f"eval-{i}", "prompt": format_prompt(d)} for i, d in enumerate(make_prompts(n_eval, 2, min_len, max_len))))
     rng = np.random.default_rng(3)
     demos = (
         {"id": f"sft-{i}", "prompt": format_prompt(d), "response": " ".join(map(str, noisy_sort(d, rng, swap_prob)))}
-        for i, d in enumerate(make_prompts(n_sft, 4))
+        for i, d in enumerate(make_prompts(n_sft, 4, min_len, max_len))
     )
     write_jsonl(out / "sft.jsonl", demos)
     # Held-out preference pairs on the eval prompts: the correct sort over a noisy one.
     rng = np.random.default_rng(5)
     pairs = []
-    for i, d in enumerate(make_prompts(n_eval, 2)):
+    for i, d in enumerate(make_prompts(n_eval, 2, min_len, max_len)):
         wrong = noisy_sort(d, rng, 0.5)
         if wrong != sorted(d):
             pairs.append({"id": f"eval-{i}", "prompt": format_prompt(d), "chosen": " ".join(map(str, sorted(d))), "rejected": " ".join(map(str, wrong))})
     write_jsonl(out / "eval_pairs.jsonl", pairs)
 
 
+# The studies' harder variant (bpo_jax/assets/study_sort/): longer lists leave the SFT policy more
+# headroom and a wider reward spread; 512 held-out prompts let confidence intervals separate arms.
+STUDY_PRESET = {"n_train": 256, "n_eval": 512, "n_sft": 512, "min_len": 5, "max_len": 9}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
-    write_assets(parser.parse_args().out_dir)
+    parser.add_argument("--study", action="store_true", help="the studies' harder variant (STUDY_PRESET)")
+    args = parser.parse_args()
+    write_assets(args.out_dir, **(STUDY_PRESET if args.study else {}))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Stages: stats, sft, sample, score, pairs, bpo, train, eval, or all (the default). The config is
 validated in full (keys, types, files, mesh vs. devices) before any heavy work starts.
 `python -m bpo_jax.main stats --data FILE` prints breadth/depth statistics of any data file.
+`python -m bpo_jax.main study --config configs/studies/X.yaml` runs a study (bpo_jax.studies).
 `python -m bpo_jax.main tfds --data [SPLIT=]FILE ... --out DATA_DIR [--name NAME] [--kind KIND]` prepares
 JSONL/Parquet files as a TFDS dataset (array_record, no TensorFlow) that any data key can then name.
 """
@@ -31,10 +32,12 @@ STAGE_HELP = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     epilog = "stages, in order (default: all; finished ones are skipped, stale ones redone):\n" + "\n".join(
-        f"  {name:<7} {STAGE_HELP[name]}" for name in STAGES)
+        f"  {name:<7} {STAGE_HELP[name]}" for name in STAGES) + (
+        "\n\nstudy --config STUDY.yaml   arms over config keys x seeds, trained together, with 95% CIs "
+        "(configs/studies/)")
     parser = argparse.ArgumentParser(prog="python -m bpo_jax.main", description=__doc__.splitlines()[0], epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", nargs="?", default="all", choices=("all",) + STAGES + ("tfds",))
+    parser.add_argument("stage", nargs="?", default="all", choices=("all",) + STAGES + ("tfds", "study"))
     parser.add_argument("--config", help="YAML run configuration")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.optim.learning_rate=1e-6 (repeatable)")
@@ -124,6 +127,11 @@ def run_command(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.stage == "tfds":
         return build_tfds(args)
+    if args.stage == "study":
+        from bpo_jax.studies.runner import run_study
+
+        run_study(args.config, args.overrides)
+        return 0
     if args.config is None:
         from bpo_jax.data.stats import write_stats
 
