@@ -149,7 +149,8 @@ class BpoSection:
     embedder: str = "policy"  # prompt encoder for breadth: policy | tfidf | minilm
     depth_allocator: str = "gradient"  # gradient | uniform | random | length | margin | off (train on the pairs stage output)
     budget: int = 0  # global pair budget M; 0: half the candidate pairs, at least one per prompt
-    base_pair: str = "primary"  # each prompt's guaranteed pair: primary (first candidate strategy's) | ranked (allocator's top)
+    base_pair: str = "primary"  # each prompt's guaranteed pair: primary (the pairs.strategy pick) | ranked (allocator's top)
+    pairs_per_prompt: int = 0  # uniform balancing: k pairs for every prompt (pairs.strategy's first, then by margin); needs depth_allocator off; 0: off
     candidate_strategies: tuple[str, ...] = (  # candidate pairs built per prompt, one per strategy
         "max/mu-2s",
         "max/min",
@@ -500,6 +501,7 @@ _BOUNDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "pairs.min_margin": _NON_NEGATIVE,
     "pairs.k_rej": _POSITIVE,
     "bpo.num_prompts": _NON_NEGATIVE,
+    "bpo.pairs_per_prompt": _NON_NEGATIVE,
     "bpo.budget": _NON_NEGATIVE,
     "bpo.proj_dim": _POSITIVE,
     "bpo.num_clusters": _POSITIVE,
@@ -603,6 +605,8 @@ def _check_contradictions(config: RunConfig) -> None:
             _check_regex("lora.targets", pattern)
     if config.bpo.trainable != "lora":
         _check_regex("bpo.trainable", config.bpo.trainable)
+    _check(config.bpo.pairs_per_prompt == 0 or config.bpo.depth_allocator == "off", "bpo.pairs_per_prompt",
+           f"uniform balancing replaces depth allocation: set bpo.depth_allocator to off (it is {config.bpo.depth_allocator!r})")
     _check(t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
            f"{t.grad_accum_steps} does not divide train.batch_size {t.batch_size}")
     _check(t.reference != "lora_off" or config.lora.rank > 0, "train.reference",

@@ -298,23 +298,29 @@ def stage_bpo(run: Run) -> None:
     Writes bpo/candidate_pairs.jsonl, bpo/features/ (resumable shards), bpo/warmup/ (checkpoints),
     bpo/depth.png (+ bpo/scores.png), then train_pairs.jsonl (what train reads instead of
     pairs/pairs.jsonl) and last bpo/bpo_report.json, the stage's done marker. depth_allocator 'off'
-    skips the stage. Features differentiate the parameters training trains: the LoRA adapters,
-    or every parameter without LoRA (bpo.trainable 'lora'), or those matching bpo.trainable.
+    skips the stage (unless bpo.pairs_per_prompt asks for uniform balancing, see `uniform_depth`).
+    pairs.strategy comes first among the candidate strategies, so with base_pair 'primary' every
+    prompt's guaranteed pair is the pairs.strategy pick. Features differentiate the parameters
+    training trains: the LoRA adapters, or every parameter without LoRA (bpo.trainable 'lora'),
+    or those matching bpo.trainable.
     """
     from bpo_jax import depth, gradients
     from bpo_jax.models.lora import has_lora
 
     b, t, p = run.config.bpo, run.config.train, run.config.pairs
     out = run.root / "bpo"
-    if run.config.data.pairs or b.depth_allocator == "off" or _done(out / "bpo_report.json", "bpo"):
+    if run.config.data.pairs or (b.depth_allocator == "off" and not b.pairs_per_prompt) or _done(out / "bpo_report.json", "bpo"):
         return
     groups = [g.to_dict() for g in read_records(run.scored, "scored", run.config.data.skip_bad_rows)[0]]
-    candidates, candidate_report = depth.candidate_pairs(
-        groups, b.candidate_strategies, seed=p.seed, min_margin=p.min_margin, length_penalty=p.length_penalty,
-        k_rej=p.k_rej, exclude_truncated=p.exclude_truncated, skip_bad_rows=run.config.data.skip_bad_rows,
-    )
+    pair_options = dict(seed=p.seed, min_margin=p.min_margin, length_penalty=p.length_penalty, k_rej=p.k_rej,
+                        exclude_truncated=p.exclude_truncated, skip_bad_rows=run.config.data.skip_bad_rows)
+    if b.pairs_per_prompt:
+        uniform_depth(run, groups, pair_options)
+        return
+    strategies = (p.strategy,) + tuple(s for s in b.candidate_strategies if s != p.strategy)
+    candidates, candidate_report = depth.candidate_pairs(groups, strategies, **pair_options)
     if not candidates:
-        raise ValueError(f"{run.scored}: no prompt yields a candidate pair with strategies {list(b.candidate_strategies)}")
+        raise ValueError(f"{run.scored}: no prompt yields a candidate pair with strategies {list(strategies)}")
     candidates_path = out / "candidate_pairs.jsonl"
     write_jsonl(candidates_path, candidates)
     data = run.tokenize([parse_record(c, "pairs", i, f"{candidates_path}:{i + 1}") for i, c in enumerate(candidates)])
@@ -388,6 +394,27 @@ def stage_bpo(run: Run) -> None:
     write_json(out / "bpo_report.json", report)
     log(f"[bpo] {len(selected)} pairs -> {run.train_pairs} (depth {report['depth_candidates']['mean']:.2f} -> "
         f"{report['depth_allocated']['mean']:.2f} pairs per prompt)")
+
+
+def uniform_depth(run: Run, groups: list[dict], pair_options: dict) -> None:
+    """BPO's uniform breadth/depth balancing (bpo.pairs_per_prompt = k > 0): every prompt gets k
+    pairs, its pairs.strategy pair first, then the rest by reward margin (balance.uniform_balance);
+    with breadth compression to a fraction r of the prompts and k = 1/r, the total pair count stays
+    that of one pair per prompt. Writes train_pairs.jsonl, then bpo/bpo_report.json (done marker)."""
+    from bpo_jax import balance
+    from bpo_jax.pairs import build_pairs
+
+    b, p = run.config.bpo, run.config.pairs
+    base, base_report = build_pairs(groups, p.strategy, **pair_options)
+    first = {pair["id"]: (pair["meta"]["chosen_index"], pair["meta"]["rejected_index"]) for pair in base}
+    pairs, report = balance.uniform_balance(groups, b.pairs_per_prompt, first_pairs=[first.get(g["id"]) for g in groups])
+    write_jsonl(run.train_pairs, pairs)
+    write_json(run.root / "bpo" / "bpo_report.json", {
+        "allocator": "uniform_balance", "first_pair_strategy": p.strategy, "first_pairs": base_report["pairs_out"],
+        **report, "outputs": {"train_pairs": str(run.train_pairs)},
+    })
+    log(f"[bpo] uniform balancing: {report['pairs_out']} pairs, {b.pairs_per_prompt} per prompt "
+        f"({report['prompts_short_of_k']} of {report['prompts_in']} prompts had fewer) -> {run.train_pairs}")
 
 
 def model_fingerprint(run: Run) -> str:

@@ -17,6 +17,7 @@ the step, never copied). Reference log-probs come from one of four places (`refe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import time
 from pathlib import Path
@@ -408,6 +409,13 @@ def fit(
     return state
 
 
+@functools.partial(jax.jit, static_argnums=0, static_argnames="vocab_chunk")
+def _summed_logps(graphdef, params, batch, vocab_chunk: int = 0):
+    """(chosen, rejected) summed log-probs of a batch; module-level, so one compile serves every call."""
+    (chosen, rejected), _ = concatenated_logps(nnx.merge(graphdef, params), batch, vocab_chunk)
+    return chosen, rejected
+
+
 def precompute_reference_logps(
     model: CausalLM, batches: Iterable[dict], mesh: Mesh, vocab_chunk: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -418,12 +426,7 @@ def precompute_reference_logps(
     reference forward at all.
     """
     graphdef, params = nnx.split(model)
-
-    @jax.jit
-    def logps(params, batch):
-        (chosen, rejected), _ = concatenated_logps(nnx.merge(graphdef, params), batch, vocab_chunk)
-        return chosen, rejected
-
+    logps = functools.partial(_summed_logps, graphdef, vocab_chunk=vocab_chunk)
     indices, chosen, rejected = [], [], []
     for batch in batches:
         placed = {
