@@ -204,3 +204,16 @@ def test_tfds_command_builds_and_rejects_bad_rows(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"error: {bad}:2: field 'chosen': expected a string like 'prompt', got int"
     assert main(["tfds", "--data", str(pairs), "--out", str(tmp_path / "out"), "--kind", "bogus"]) == 2
     assert "kind 'bogus' is not one of" in capsys.readouterr().err
+
+
+def test_parquet_files_build_the_same_dataset(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"id": "a", "prompt": "q1", "responses": ["x", "y"], "rewards": [0.5, 1.5]},
+            {"id": "b", "prompt": "q2", "responses": ["z", "w", "v"], "rewards": [1.0, 0.0, 2.0]}]
+    src = tmp_path / "scored.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), src)
+    builder = build_tfds_dataset(src, tmp_path / "tfds")
+    assert builder.builder_config.kind == "scored"
+    assert read_records(builder.data_dir, "scored")[0] == read_records(_jsonl(tmp_path / "s.jsonl", rows), "scored")[0]
