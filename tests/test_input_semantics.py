@@ -32,6 +32,7 @@ def write_lines(path, *lines: str):
     ("pairs", '{"prompt": "q", "chosen": "a", "rejected": "b", "reward": ' + "9" * 5000 + "}", None, "invalid_json",
      "unreadable JSON: Exceeds the limit"),
     ("pairs", "[" * 100_000 + "]" * 100_000, None, "invalid_json", "unreadable JSON: nested too deeply"),
+    ("prompts", '{"id": "p2", "prompt": "half an emoji \\ud83d"}', None, "not_text", "a lone UTF-16 surrogate"),
 ])
 def test_meaningless_rows_name_file_line_and_field(tmp_path, kind, second, field, reason, detail):
     first = {"prompts": '{"id": "p1", "prompt": "a"}',

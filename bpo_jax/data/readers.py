@@ -193,7 +193,12 @@ def _decode_line(raw: bytes, where: str, index: int) -> RawRow:
             where, None, "not_utf8", f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
         )
     try:
-        return where, index, json.loads(text.lstrip("\ufeff"), object_pairs_hook=_unique_keys)
+        value = json.loads(text.lstrip("\ufeff"), object_pairs_hook=_unique_keys)
+        if _SURROGATE_ESCAPE.search(text):  # rare: only then pay for the full check
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        return where, index, value
+    except UnicodeEncodeError:
+        return where, index, DataError(where, None, "not_text", "a lone UTF-16 surrogate escape (\\ud800-\\udfff): not text")
     except json.JSONDecodeError as e:
         return where, index, DataError(where, None, "invalid_json", f"invalid JSON: {e.msg} at column {e.colno}")
     except _DuplicateKey as e:
@@ -201,6 +206,9 @@ def _decode_line(raw: bytes, where: str, index: int) -> RawRow:
     except (ValueError, RecursionError) as e:  # an integer over Python's digit limit; absurdly deep nesting
         problem = "nested too deeply" if isinstance(e, RecursionError) else str(e)
         return where, index, DataError(where, None, "invalid_json", f"unreadable JSON: {problem}")
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 class _DuplicateKey(Exception):
