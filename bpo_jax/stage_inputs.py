@@ -23,15 +23,16 @@ def needed_outputs(run: Run, stage: str) -> list[tuple[str, Path, Path]]:
     c, d = run.config, run.config.data
     needs: list[tuple[str, Path, Path]] = []
     starts_later = bool(d.scored or d.pairs)
+    bpo_runs = not d.pairs and (c.bpo.depth_allocator != "off" or c.bpo.pairs_per_prompt > 0)
     scored = [] if d.scored else [("score", run.scored, run.scored)]
     if stage == "score" and not starts_later:
         needs.append(("sample", run.responses, run.responses))
     elif stage == "pairs" and not d.pairs:
         needs += scored
-    elif stage == "bpo" and not d.pairs and c.bpo.depth_allocator != "off":
+    elif stage == "bpo" and bpo_runs:
         needs += scored
     elif stage == "train" and not d.pairs:
-        if c.bpo.depth_allocator != "off":  # train reads the BPO allocation, never the pairs stage's file in its place
+        if bpo_runs:  # train reads the BPO allocation (or balancing), never the pairs stage's file in its place
             needs.append(("bpo", run.train_pairs, run.root / "bpo" / "bpo_report.json"))
         else:
             needs.append(("pairs", run.pairs, run.pairs_dir / "pairs_report.json"))

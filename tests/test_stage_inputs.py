@@ -18,10 +18,12 @@ SFT = SftSection(enabled=True, data="sft.jsonl")
 
 def _run(tmp_path: Path, data: DataSection = DataSection(prompts="p.jsonl"), sft: SftSection = SftSection(),
          allocator: str = "gradient") -> Run:
-    return Run(RunConfig(run_dir=str(tmp_path / "run"), data=data, sft=sft, bpo=BpoSection(depth_allocator=allocator)))
+    bpo = BpoSection(depth_allocator="off", pairs_per_prompt=2) if allocator == "uniform k" else BpoSection(depth_allocator=allocator)
+    return Run(RunConfig(run_dir=str(tmp_path / "run"), data=data, sft=sft, bpo=bpo))
 
 
 # (data section, sft, depth allocator, stage) -> the stages whose outputs it reads, in check order.
+# "uniform k": no depth allocator, bpo.pairs_per_prompt = 2 (uniform balancing in the bpo stage).
 CASES = [
     (DataSection(prompts="p.jsonl"), SftSection(), "gradient", "stats", []),
     (DataSection(prompts="p.jsonl"), SFT, "gradient", "sft", []),
@@ -33,6 +35,8 @@ CASES = [
     (DataSection(prompts="p.jsonl"), SFT, "margin", "bpo", ["score"]),  # no model needed without gradients
     (DataSection(prompts="p.jsonl"), SFT, "gradient", "train", ["bpo", "sft"]),
     (DataSection(prompts="p.jsonl"), SftSection(), "off", "train", ["pairs"]),
+    (DataSection(prompts="p.jsonl"), SFT, "uniform k", "bpo", ["score"]),  # bpo.pairs_per_prompt balancing
+    (DataSection(prompts="p.jsonl"), SftSection(), "uniform k", "train", ["bpo"]),
     (DataSection(prompts="p.jsonl"), SftSection(), "gradient", "eval", ["train"]),
     (DataSection(scored="s.jsonl"), SftSection(), "gradient", "score", []),
     (DataSection(scored="s.jsonl"), SftSection(), "gradient", "pairs", []),
