@@ -45,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="with `stats` and no --config: the data file to describe; with `tfds`: a file "
                              "to prepare as split SPLIT (default train; repeatable)")
     parser.add_argument("--out", default=None,
-                        help="with `stats --data`: where to write the histogram PNG; with `tfds`: the TFDS data_dir")
+                        help="with `stats --data FILE`: the directory for FILE's .stats.json and .depth.png (default: "
+                             "FILE_stats/ beside it); with `tfds`: the TFDS data_dir")
     parser.add_argument("--name", help="with `tfds`: the dataset's config name (default: the first file's name)")
     parser.add_argument("--kind", default="auto",
                         help="with `tfds`: pairs, prompts, scored or demonstrations (default: from the first row)")

@@ -76,3 +76,13 @@ def test_cheap_checks_stop_the_run_before_any_model_work(tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert expected.format(d=tmp_path) in err and err.count("\n") == 1, err
     assert not (tmp_path / "run" / "sft").exists()
+
+
+def test_stats_out_is_the_directory_of_both_outputs(tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "x", "rejected": "y"}\n{"prompt": "a", "chosen": "x", "rejected": "z"}\n')
+    assert cli.main(["stats", "--data", str(data), "--out", str(tmp_path / "out")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["pairs.depth.png", "pairs.stats.json"]
+    assert "breadth B     1 unique prompts" in capsys.readouterr().out
+    assert "directory for FILE's .stats.json and .depth.png" in " ".join(subprocess.run(
+        [sys.executable, "-m", "bpo_jax.main", "--help"], capture_output=True, text=True, check=True).stdout.split())
