@@ -119,13 +119,16 @@ def plot_scaling(summary: dict, path: Path) -> bool:
 
 
 def plot_pairings(summary: dict, path: Path) -> bool:
-    """7x7 heatmap of mean reward by (chosen point, rejected point) for 'a/b' pair strategies."""
-    cells = {}
+    """7x7 heatmap of mean reward by (chosen point, rejected point) for 'a/b' pair strategies;
+    drawn when at least 3 pairings are arms and no pairing is repeated (other keys varying)."""
+    cells, repeated = {}, False
     for a in summary["arms"]:
         chosen, _, rejected = str(a["settings"].get("pairs.strategy", "")).partition("/")
         if chosen in POINTS and rejected in POINTS:
-            cells[(POINTS.index(chosen), POINTS.index(rejected))] = a["mean_reward"]["mean"]
-    if len(cells) < 2:
+            key = (POINTS.index(chosen), POINTS.index(rejected))
+            repeated |= key in cells
+            cells[key] = a["mean_reward"]["mean"]
+    if len(cells) < 3 or repeated:
         return False
     plt = pyplot()
     grid = np.full((len(POINTS), len(POINTS)), np.nan)
