@@ -590,7 +590,7 @@ def _check_contradictions(config: RunConfig) -> None:
         try:
             ModelConfig.from_hf_dict(m.init, source="model.init")
         except ModelConfigError as e:
-            raise ConfigError("model.init", str(e)) from None
+            raise ConfigError("model.init", str(e).removeprefix("model.init: ")) from None
     _check(d.max_prompt_length < d.max_length, "data.max_prompt_length",
            f"must be below data.max_length ({d.max_length}) to leave room for a response, got {d.max_prompt_length}")
     buckets = d.length_buckets

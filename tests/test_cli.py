@@ -86,3 +86,10 @@ def test_stats_out_is_the_directory_of_both_outputs(tmp_path, capsys):
     assert "breadth B     1 unique prompts" in capsys.readouterr().out
     assert "directory for FILE's .stats.json and .depth.png" in " ".join(subprocess.run(
         [sys.executable, "-m", "bpo_jax.main", "--help"], capture_output=True, text=True, check=True).stdout.split())
+
+
+def test_zero_size_model_init_is_a_config_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(cli.Path(__file__).resolve().parents[1])
+    assert cli.main([*DEMO, "--set", f"run_dir={tmp_path}", "--set", "model.init.intermediate_size=0"]) == 2
+    assert capsys.readouterr().err == (
+        "error: configs/demo.yaml:14: model.init: field 'intermediate_size' is 0; it must be positive\n")

@@ -260,8 +260,10 @@ class ModelConfig:
         if act not in ACTIVATIONS:
             raise ModelConfigError(f"{source}: field {fam.act_key!r} is {act!r}; supported: {sorted(ACTIVATIONS)}")
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            if not isinstance(d.get(key), int):
+            if not isinstance(d.get(key), int) or isinstance(d[key], bool):
                 raise ModelConfigError(f"{source}: field {key!r} is missing or not an integer")
+            if d[key] <= 0:  # a zero-size weight only fails much later (orbax refuses to save it)
+                raise ModelConfigError(f"{source}: field {key!r} is {d[key]}; it must be positive")
         # Gemma 2's soft-capping (transformers' Gemma 3 ignores attn_logit_softcapping) and the
         # bidirectional EmbeddingGemma variant.
         for key in ("final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention"):
