@@ -14,6 +14,7 @@ Light on purpose (no JAX import): the CLI and the study runner use it before any
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -164,6 +165,16 @@ def differences(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str
 
 def environment() -> dict[str, Any]:
     """The machine and package versions a run ran on (CPU model and vector ISA matter for XLA CPU numerics)."""
+    env = {**_machine(), "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "")}
+    jax = sys.modules.get("jax")
+    if jax is not None:
+        devices = jax.devices()
+        env["devices"] = f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()})"
+    return env
+
+
+@functools.cache
+def _machine() -> dict[str, Any]:
     versions = {}
     for name in PACKAGES:
         try:
@@ -179,16 +190,10 @@ def environment() -> dict[str, Any]:
             elif key.strip() == "flags":
                 isa = sorted({f for f in value.split() if f.startswith(("avx", "amx", "fma", "sse4"))})
                 break
-    env = {
+    return {
         "python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
         "cpu": cpu, "cpu_isa": isa, "cpu_count": os.cpu_count(), "packages": versions,
-        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", ""),
     }
-    jax = sys.modules.get("jax")
-    if jax is not None:
-        devices = jax.devices()
-        env["devices"] = f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()})"
-    return env
 
 
 def _now() -> str:
