@@ -56,7 +56,7 @@ PROJECTIONS = ("rademacher", "gaussian")
 @dataclasses.dataclass
 class ModelSection:
     path: str | None = None  # local Hugging Face directory (config.json, *.safetensors, tokenizer.json)
-    gguf: str | None = None  # a GGUF file instead of `path`, or "asset:smollm2-135m-instruct" (installed package)
+    gguf: str | None = None  # a GGUF file instead of `path`, or "asset:smollm2-135m-instruct" / "asset:gemma3-270m" (installed package)
     init: dict | None = None  # a Hugging Face config dict: build a randomly initialized model instead
     tokenizer: str | None = None  # tokenizer directory when it differs from `path`
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
