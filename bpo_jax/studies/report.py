@@ -102,18 +102,27 @@ def plot_scaling(summary: dict, path: Path) -> bool:
     for a in arms:
         label = " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in a["settings"].items() if k != "sample.n") or "arm"
         lines.setdefault(label, []).append(a)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    paired = any(a["vs_baseline"] is not None for a in arms)
+    fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(11 if paired else 6, 4), squeeze=False)
     for label, members in lines.items():
         members.sort(key=lambda a: a["settings"]["sample.n"])
         x = [a["settings"]["sample.n"] for a in members]
-        ax.plot(x, [a["mean_reward"]["mean"] for a in members], marker="o", label=label)
-        ax.fill_between(x, [a["mean_reward"]["low"] for a in members], [a["mean_reward"]["high"] for a in members], alpha=0.15)
-    ax.axhline(summary["reference_mean_reward"], color="gray", ls="--", label="reference (SFT)")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("responses sampled per prompt (n)")
-    ax.set_ylabel("mean held-out reward (95% CI)")
-    ax.legend(fontsize=7)
-    ax.set_title(summary["study"], fontsize=9)
+        panels = [("mean_reward", axes[0, 0])] + ([("vs_baseline", axes[0, 1])] if paired else [])
+        for key, ax in panels:
+            zero = {"mean": 0.0, "low": 0.0, "high": 0.0}  # the baseline arm against itself
+            values = [a[key] or zero for a in members]
+            ax.plot(x, [v["mean"] for v in values], marker="o", label=label)
+            ax.fill_between(x, [v["low"] for v in values], [v["high"] for v in values], alpha=0.15)
+    axes[0, 0].axhline(summary["reference_mean_reward"], color="gray", ls="--", label="reference (SFT)")
+    axes[0, 0].set_ylabel("mean held-out reward (95% CI)")
+    if paired:
+        axes[0, 1].axhline(0.0, color="gray", lw=0.8)
+        axes[0, 1].set_ylabel("paired difference to the baseline arm (95% CI)")
+    for ax in axes[0]:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("responses sampled per prompt (n)")
+        ax.legend(fontsize=7)
+    fig.suptitle(summary["study"], fontsize=9)
     save_figure(fig, path)
     return True
 
