@@ -14,7 +14,9 @@ which must give transformers' logits back; byte-level BPE tokenizers with hand-w
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import json
 from pathlib import Path
 
@@ -29,7 +31,15 @@ from bpo_jax.config import ModelSection, RunConfig
 from bpo_jax.models.gguf import GGUFError, gguf_tokenizer, load_gguf_model, open_gguf
 from bpo_jax.models.hf import CheckpointError, load_hf_model, save_hf_model
 from bpo_jax.models.llama import CausalLM
-from bpo_jax.packaged_assets import GEMMA3_270M_GGUF, SMOLLM2_GGUF, Asset, AssetNotInstalled, asset_path, resolve_path
+from bpo_jax.packaged_assets import (
+    GEMMA3_270M_GGUF,
+    SMOLLM2_GGUF,
+    Asset,
+    AssetNotInstalled,
+    ChunkedAsset,
+    asset_path,
+    resolve_path,
+)
 from bpo_jax.pipeline import Run
 from bpo_jax.sampling import SamplingConfig, generate
 from bpo_jax.tokenizer import Tokenizer, TokenizerError
@@ -359,6 +369,27 @@ def test_missing_asset_names_the_pip_command():
     with pytest.raises(AssetNotInstalled, match=r"asset:nope: unknown asset 'nope'; known: asset:smollm2-135m-instruct"):
         resolve_path("asset:nope")
     assert resolve_path("some/dir/model.gguf") == Path("some/dir/model.gguf")
+
+
+def test_chunked_asset_is_joined_once_and_checked(tmp_path, monkeypatch):
+    """Chunks (here two files of the installed numpy) are joined into $BPO_JAX_CACHE in order,
+    reused on the next call, and a wrong sha256 leaves nothing behind."""
+    monkeypatch.setenv("BPO_JAX_CACHE", str(tmp_path / "cache"))
+    chunks = (Asset("numpy", "numpy/version.py", "chunk"), Asset("numpy", "numpy/__init__.py", "chunk"))
+    parts = [asset_path(c).read_bytes() for c in chunks]
+    digest = hashlib.sha256(b"".join(parts)).hexdigest()
+    asset = ChunkedAsset("bpo-jax-test", chunks, "joined.bin", digest, "A chunked test file")
+    joined = asset_path(asset)
+    assert joined.read_bytes() == b"".join(parts) and joined.is_relative_to(tmp_path / "cache")
+    written = joined.stat().st_mtime_ns
+    assert asset_path(asset) == joined and joined.stat().st_mtime_ns == written
+    wrong = dataclasses.replace(asset, sha256="0" * 64)
+    with pytest.raises(AssetNotInstalled, match=r"do not have sha256 0{64}; reinstall with `pip install bpo-jax-test"):
+        asset_path(wrong)
+    assert list((tmp_path / "cache" / ("0" * 12)).iterdir()) == []
+    absent = dataclasses.replace(asset, chunks=(Asset("bpo-jax-no-such-chunk", "x/part0", "chunk"),))
+    with pytest.raises(AssetNotInstalled, match=r"A chunked test file is not installed: run `pip install bpo-jax-test`$"):
+        asset_path(absent)
 
 
 def test_pipeline_runs_from_a_gguf_file(tmp_path):
