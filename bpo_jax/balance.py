@@ -34,7 +34,7 @@ from jax.sharding import Mesh
 from bpo_jax.data.schema import PromptRecord, Text, prompt_key
 from bpo_jax.data.tokenize import encode_prompts, render_prompt
 from bpo_jax.models.llama import CausalLM
-from bpo_jax.sampling import bucket_length, keep_last, pad_tokens
+from bpo_jax.sampling import bucket_length, keep_last, pad_tokens, to_host
 from bpo_jax.sharding import batch_sharding
 from bpo_jax.tokenizer import Tokenizer
 
@@ -69,7 +69,7 @@ def policy_embeddings(
 
     Prompts are sorted by length and right-padded to power-of-two lengths, so few shapes compile;
     every batch has `batch_size` rows (filler rows are dropped). With a `mesh` the rows are split
-    over its data axes (single-process).
+    over its data axes (multi-host: every process passes all prompts and gets all embeddings).
     """
     texts = [render_prompt(p, tokenizer) for p in prompts]
     seqs = keep_last(encode_prompts(texts, [isinstance(p, list) for p in prompts], tokenizer), max_prompt_length)
@@ -86,7 +86,7 @@ def policy_embeddings(
         ids, mask = np.pad(ids, ((0, filler), (0, 0))), np.pad(mask, ((0, filler), (0, 0)))
         if mesh is not None:
             ids, mask = (jax.device_put(a, batch_sharding(mesh, 2)) for a in (ids, mask))
-        out[sel] = np.asarray(_mean_hidden(graphdef, state, ids, mask))[: len(sel)]
+        out[sel] = to_host(_mean_hidden(graphdef, state, ids, mask))[: len(sel)]
     return out
 
 

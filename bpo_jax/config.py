@@ -613,8 +613,6 @@ def _check_contradictions(config: RunConfig) -> None:
            "'lora_off' uses the model without its adapters as reference: it needs lora.rank > 0")
     _check(t.reference != "none" or t.loss_type == "simpo", "train.reference",
            f"'none' only suits the reference-free loss simpo, not loss_type {t.loss_type!r}")
-    _check(not t.packing or (config.distributed.num_processes or 1) == 1, "train.packing",
-           "packs each host's rows on its own; multi-host runs (distributed.num_processes > 1) are not supported yet")
     _check(t.label_smoothing == 0 or t.loss_type in _LOSSES_WITH_LABEL_SMOOTHING, "train.label_smoothing",
            f"is used only by {', '.join(_LOSSES_WITH_LABEL_SMOOTHING)}, not loss_type {t.loss_type!r}")
     _check(t.gamma == 0 or t.loss_type == "simpo", "train.gamma", f"is used only by simpo, not loss_type {t.loss_type!r}")

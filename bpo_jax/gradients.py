@@ -58,6 +58,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
+from bpo_jax.distributed import barrier
 from bpo_jax.io_utils import atomic_open, write_json
 from bpo_jax.losses import loss_uses_mean_logps, preference_loss
 from bpo_jax.models.llama import CausalLM
@@ -422,7 +423,7 @@ def _shard_path(out_dir: Path, number: int) -> Path:
 
 
 def _save_shard(path: Path, features: np.ndarray, example_index: np.ndarray) -> None:
-    with atomic_open(path, "wb") as f:
+    with atomic_open(path, "wb", every_process=True) as f:  # each process writes its own shards
         np.savez(f, features=np.asarray(features, np.float32), example_index=np.asarray(example_index, np.int64))
 
 
@@ -487,12 +488,17 @@ def extract_features(
     Examples already in a shard are not recomputed (a batch whose valid rows are all done is
     skipped without running the model); a shard is written once >= `shard_size` new rows have
     accumulated, at a batch boundary. Returns out_dir; read the result with read_feature_shards.
+    Multi-host: collective; each process passes the batches of its share and all return once
+    every process's shards are written.
     """
     out_dir = Path(out_dir)
     _check_meta(out_dir, json.loads(json.dumps(meta)))  # as it reads back (tuples become lists)
     existing = sorted(out_dir.glob(SHARD_PATTERN))
     done = read_feature_shards(out_dir)[1] if existing else np.zeros(0, np.int64)
-    next_shard = 1 + max((int(p.stem.split("-")[1]) for p in existing), default=-1)
+    # Multi-host: each process extracts its share of the examples; its shard numbers are its own
+    # residue class mod the process count, above every number taken, so no two processes collide.
+    last, count = max((int(p.stem.split("-")[1]) for p in existing), default=-1), jax.process_count()
+    next_shard = last + 1 + (jax.process_index() - last - 1) % count
     pending_f: list[np.ndarray] = []
     pending_i: list[np.ndarray] = []
     pending_rows = 0
@@ -507,7 +513,8 @@ def extract_features(
         pending_rows += int(keep.sum())
         if pending_rows >= shard_size:
             _save_shard(_shard_path(out_dir, next_shard), np.concatenate(pending_f), np.concatenate(pending_i))
-            next_shard, pending_f, pending_i, pending_rows = next_shard + 1, [], [], 0
+            next_shard, pending_f, pending_i, pending_rows = next_shard + count, [], [], 0
     if pending_rows:
         _save_shard(_shard_path(out_dir, next_shard), np.concatenate(pending_f), np.concatenate(pending_i))
+    barrier(f"{out_dir} shards written")
     return out_dir

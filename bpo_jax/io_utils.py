@@ -2,6 +2,10 @@
 
 A stage killed mid-write must never leave a half-written JSONL/JSON/PNG behind that a rerun would
 mistake for finished output, so writers go to a temp file in the same directory and rename.
+
+In a multi-host run every process runs the same stage code, but a run file is written once, by
+process 0: the other processes' writes go nowhere. Files that are each process's own (partial
+chunks, feature shards, named by process) pass `every_process=True`.
 """
 
 from __future__ import annotations
@@ -9,14 +13,23 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
-    """Open a temp file beside `path`; on clean exit fsync and rename it onto `path`."""
+def atomic_open(
+    path: str | Path, mode: str = "w", encoding: str | None = "utf-8", *, every_process: bool = False
+) -> Iterator[IO]:
+    """Open a temp file beside `path`; on clean exit fsync and rename it onto `path`.
+
+    Multi-host: only process 0 writes (the others get a sink) unless `every_process`."""
+    if not every_process and not writes_run_files():
+        with open(os.devnull, mode, encoding=None if "b" in mode else encoding) as sink:
+            yield sink
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -32,6 +45,12 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def writes_run_files() -> bool:
+    """True unless this is a process other than 0 of a multi-host (jax.distributed) run."""
+    jax = sys.modules.get("jax")  # never imported here: a run without JAX is single-process
+    return jax is None or not jax.distributed.is_initialized() or jax.process_index() == 0
 
 
 def _umask() -> int:
@@ -74,10 +93,10 @@ def write_json(path: str | Path, obj: Any) -> None:
         f.write("\n")
 
 
-def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
+def write_jsonl(path: str | Path, records: Iterable[dict], *, every_process: bool = False) -> int:
     """Write records one JSON object per line, atomically; returns the number written."""
     n = 0
-    with atomic_open(path) as f:
+    with atomic_open(path, every_process=every_process) as f:
         for rec in records:
             f.write(json.dumps(rec, ensure_ascii=False, default=_json_default))
             f.write("\n")

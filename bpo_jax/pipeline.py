@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from bpo_jax import evaluate
+from bpo_jax import distributed, evaluate
 from bpo_jax.config import (
     ConfigError, EvalSection, OptimSection, RunConfig, SampleSection, TrainSection, config_to_dict, resolve_seeds,
     save_config,
@@ -117,8 +117,9 @@ class Run:
         if m.tokenizer is None and m.gguf is not None:
             # A GGUF holds its tokenizer as metadata: written out once, it is an ordinary tokenizer directory.
             directory = self.root / "gguf_tokenizer"
-            if not (directory / "tokenizer_config.json").exists():  # written last
+            if not (directory / "tokenizer_config.json").exists() and jax.process_index() == 0:  # written last
                 gguf_tokenizer(m.gguf).save_pretrained(directory)
+            distributed.barrier("gguf tokenizer written")
             return directory
         return Path(m.tokenizer or m.path)
 
@@ -173,7 +174,7 @@ class Run:
         r = self.config.reward
         cfg = RewardConfig(kind=r.kind, model_path=r.model_path, rule=r.function, gym_task=r.gym_task,
                            gym_config=r.gym_config, batch_size=r.batch_size, label=r.label)
-        return build_scorer(cfg, self.mesh)
+        return build_scorer(cfg, distributed.local_mesh(self.mesh))  # each process scores its share
 
     def sampling_config(self, section: SampleSection | EvalSection) -> SamplingConfig:
         return SamplingConfig(
@@ -212,7 +213,7 @@ def stage_sft(run: Run) -> None:
         return
     log(f"[sft] {cfg.steps} steps on {cfg.data}")
     data = run.tokenize(read_demonstrations(cfg.data))
-    batches = PreferenceBatcher(data, cfg.batch_size, seed=run.config.seed, buckets=run.buckets())
+    batches = PreferenceBatcher(data, cfg.batch_size, seed=run.config.seed, buckets=run.buckets(), **distributed.host_rows())
     train_cfg = TrainSection(
         batch_size=cfg.batch_size,
         optim=OptimSection(learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps, schedule="cosine"),
@@ -263,6 +264,7 @@ def breadth_selection(run: Run, prompts: Path) -> Path:
     kept, report = balance.breadth_compress(records, b.num_prompts, embed, seed=b.seed)
     write_json(run.root / "bpo" / "breadth_report.json", {"input": str(prompts), "embedder": b.embedder, **report})
     write_records(run.selected_prompts, kept)
+    distributed.barrier("breadth selection written")
     log(f"[sample] breadth compression kept {report['breadth_after']} of {report['breadth_before']} unique prompts -> {run.selected_prompts}")
     return run.selected_prompts
 
@@ -346,7 +348,7 @@ def stage_bpo(run: Run) -> None:
                 optim=dataclasses.replace(t.optim, schedule="constant", warmup_steps=0),
             )
             trainer = DPOTrainer(model, warm_cfg, run.mesh, total_steps=b.warmup_steps)
-            batches = PreferenceBatcher(data, t.batch_size, seed=t.seed, buckets=run.buckets())
+            batches = PreferenceBatcher(data, t.batch_size, seed=t.seed, buckets=run.buckets(), **distributed.host_rows())
             state = fit(trainer, batches, run_dir=out / "warmup", num_steps=b.warmup_steps, name="bpo-warmup")
             model = trainer.model_at(state)
             adam = gradients.adam_moments(state.opt_state, b1=t.optim.b1, b2=t.optim.b2, eps=t.optim.eps)
@@ -354,18 +356,22 @@ def stage_bpo(run: Run) -> None:
             proj_dim=b.proj_dim, seed=b.seed, trainable=trainable, loss_type=t.loss_type, beta=t.beta,
             label_smoothing=t.label_smoothing, gamma=t.gamma, projection=b.projection, vocab_chunk=t.vocab_chunk,
         )
-        shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+        # Multi-host: each process featurizes the pairs of its share of the prompts on its own devices.
+        mesh = distributed.local_mesh(run.mesh)
+        shards = mesh.shape["data"] * mesh.shape["fsdp"]
         featurizer = gradients.GradientFeaturizer(
-            model, settings, adam_state=adam, micro_batch=b.feature_batch_size,
-            mesh=run.mesh if b.feature_batch_size % shards == 0 else None,
+            distributed.local_model(model, mesh), settings, micro_batch=b.feature_batch_size,
+            adam_state=adam and adam._replace(**distributed.gather({"mu": adam.mu, "nu": adam.nu, "count": adam.count})),
+            mesh=mesh if b.feature_batch_size % shards == 0 else None,
         )
-        batcher = PreferenceBatcher(data, featurizer.rows_per_call(len(data)), shuffle=False, buckets=run.buckets())
+        rows = featurizer.rows_per_call(len(data))
+        mine = np.flatnonzero(np.isin(group, distributed.share(len(groups))))
         meta = {**dataclasses.asdict(settings), "warmup_steps": b.warmup_steps, "lora": dataclasses.asdict(run.config.lora),
                 "model": model_fingerprint(run), "data": data_fingerprint(data)}
         log(f"[bpo] gradient features of {featurizer.num_params} parameters -> {b.proj_dim} dims")
         gradients.extract_features(
-            batcher.epoch_batches(), featurizer, out_dir=out / "features", meta=meta, total=batcher.batches_per_epoch,
-            progress=jax.process_index() == 0,
+            distributed.share_batches(data, mine, rows, run.buckets()), featurizer, out_dir=out / "features",
+            meta=meta, total=-(-len(mine) // rows), progress=jax.process_index() == 0,
         )
         features, index = gradients.read_feature_shards(out / "features")
         if not np.array_equal(index, np.arange(len(kept))):
@@ -474,7 +480,7 @@ def stage_train(run: Run) -> None:
     if t.reference == "precomputed":
         data = with_reference_logps(run, data, model)
     add_lora(model, run.config.lora, seed=t.seed)
-    batches = PreferenceBatcher(data, t.batch_size, seed=t.seed, buckets=run.buckets())
+    batches = PreferenceBatcher(data, t.batch_size, seed=t.seed, buckets=run.buckets(), **distributed.host_rows())
     steps = t.max_steps or t.num_epochs * batches.batches_per_epoch
     log(f"[train] {len(data)} pairs from {run.preference_data}, {steps} steps of {t.batch_size}")
     trainer = DPOTrainer(model, t, run.mesh, total_steps=steps)
@@ -513,6 +519,7 @@ def stage_eval(run: Run) -> None:
         if not prompts.exists():
             rows = list(read_records(d.eval_prompts, "prompts", d.skip_bad_rows)[0])
             write_jsonl(prompts, ({"id": r.id, "prompt": r.prompt} for r in rows[: e.num_prompts or None]))
+        distributed.barrier("eval prompts written")
         log(f"[eval] {e.n} responses per held-out prompt of {d.eval_prompts}, policy and reference")
         policy_rewards = scored_rewards(eval_responses(run, policy, prompts, "policy"))
         reference_rewards = scored_rewards(eval_responses(run, reference, prompts, "reference"))
@@ -613,6 +620,7 @@ def run_pipeline(config: RunConfig, stage: str = "all") -> Run:
         if writer:
             ledger.start(name, config_to_dict(run.config))
         STAGE_FUNCTIONS[name](run)
+        distributed.barrier(f"stage {name} done")  # its outputs are whole before any process reads them
         if writer:
             ledger.finish(name)
     return run

@@ -1,7 +1,7 @@
 """Resumable JSONL output for stages that turn input records into output records chunk by chunk.
 
 Every finished chunk is written whole and atomically as its own file in a hidden parts directory
-beside the output (``.NAME.parts/000000.jsonl``, ...). `finalize` joins the existing output (if
+beside the output (``.NAME.parts/PPP-000000.jsonl``, ..., PPP the writing process). `finalize` joins the existing output (if
 any) and the parts into the output file, atomically, and removes the parts. A kill at any moment
 therefore leaves only whole records, and a rerun skips every id already present in the output or
 the parts; joining keeps the first record of each id, so a kill between writing the output and
@@ -9,7 +9,10 @@ removing the parts cannot duplicate anything either.
 
 The parts directory remembers the settings that shape the records (e.g. sampling temperature);
 resuming with different ones is refused instead of silently mixing two runs in one file.
-Multi-host: all processes read (the output must be on a shared filesystem), process 0 writes.
+Multi-host: each process writes the chunks of its own share of the input (bpo_jax.distributed)
+into its own part files; `finalize` waits for all of them, and process 0 joins the parts in the
+input's order, so the output does not depend on how many processes wrote it. All processes read
+(the run directory must be on a shared filesystem).
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import jax
 
-from bpo_jax.io_utils import atomic_open, write_json, write_jsonl
+from bpo_jax.distributed import barrier
+from bpo_jax.io_utils import atomic_open, write_json, write_jsonl, writes_run_files
 
 SETTINGS_FILE = "settings.json"
 
@@ -37,7 +41,7 @@ class ResumableJsonl:
         self.path = Path(path)
         self.parts = self.path.with_name(f".{self.path.name}.parts")
         self.settings = json.loads(json.dumps(settings, default=str))  # as it reads back from disk
-        self._writes = jax.process_index() == 0
+        self._prefix = f"{jax.process_index():03d}-"
 
     def done_ids(self) -> set[str]:
         """Ids already written by earlier (possibly interrupted) runs."""
@@ -56,25 +60,28 @@ class ResumableJsonl:
     def write_chunk(self, records: Iterable[dict[str, Any]]) -> None:
         """Add one chunk of records (each with an 'id'), all or nothing."""
         records = list(records)
-        if not self._writes or not records:
+        if not records:
             return
-        if not self.parts.exists():
-            self.parts.mkdir(parents=True)
-            write_json(self.parts / SETTINGS_FILE, self.settings)
-        index = len(self._part_files())
-        write_jsonl(self.parts / f"{index:06d}.jsonl", records)
+        self.parts.mkdir(parents=True, exist_ok=True)
+        if not (self.parts / SETTINGS_FILE).exists():
+            write_json(self.parts / SETTINGS_FILE, self.settings)  # process 0's
+        index = len(list(self.parts.glob(f"{self._prefix}*.jsonl")))
+        write_jsonl(self.parts / f"{self._prefix}{index:06d}.jsonl", records, every_process=True)
 
-    def finalize(self) -> None:
-        """Join output and parts into the output file (first record of each id wins); drop the parts."""
-        if not self._writes or not self.parts.exists():
-            return
-        seen: set[str] = set()
-        with atomic_open(self.path) as f:
+    def finalize(self, order: Sequence[str] | None = None) -> None:
+        """Join output and parts into the output file (first record of each id wins), in the order
+        of the ids in `order` (default: as written); drop the parts. Collective in multi-host runs."""
+        barrier(f"{self.path} parts written")
+        if writes_run_files() and self.parts.exists():
+            rank = {rid: i for i, rid in enumerate(order or ())}
+            lines: dict[str, str] = {}
             for rid, line in self._records():
-                if rid not in seen:
-                    seen.add(rid)
-                    f.write(line)
-        shutil.rmtree(self.parts)
+                lines.setdefault(rid, line)
+            ranked = sorted(lines, key=lambda rid: rank.get(rid, len(rank))) if order is not None else list(lines)
+            with atomic_open(self.path) as f:
+                f.writelines(lines[rid] for rid in ranked)
+            shutil.rmtree(self.parts)
+        barrier(f"{self.path} joined")
 
     def _part_files(self) -> list[Path]:
         return sorted(self.parts.glob("[0-9]*.jsonl")) if self.parts.exists() else []

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from bpo_jax.data.readers import ReadReport, raw_rows, records_from_rows
 from bpo_jax.data.schema import ScoredGroup, Text
 from bpo_jax.data.tokenize import RaggedTokens, encode_prompts
+from bpo_jax.distributed import share
 from bpo_jax.models.hf import load_hf_model
 from bpo_jax.models.llama import CausalLM
 from bpo_jax.resumable import ResumableJsonl, check_unique_ids
@@ -295,13 +296,14 @@ def score_stage(
     """Score every group of a responses file into {id, prompt, responses, rewards, truncated}, resumably.
 
     `scorer` None passes the file's own rewards through (validated). Groups are written in chunks
-    of `chunk_size`; a rerun skips ids already scored. Returns the number of groups scored now.
+    of `chunk_size`; a rerun skips ids already scored. Returns the number of groups scored now (by
+    this process: multi-host, each process scores its share of the prompts, bpo_jax.distributed).
     """
     groups = read_groups(responses_path, with_rewards=scorer is None)
     check_unique_ids([g.id for g in groups], str(responses_path))
     out = ResumableJsonl(out_path, {"stage": "score", "scorer": scorer.name if scorer else "precomputed"})
     done = out.done_ids()
-    pending = [g for g in groups if g.id not in done]
+    pending = [groups[i] for i in share(len(groups)) if groups[i].id not in done]
     bar = tqdm(total=len(pending), desc="scoring", unit="prompt", disable=not progress or jax.process_index() != 0)
     for start in range(0, len(pending), chunk_size):
         chunk = pending[start : start + chunk_size]
@@ -316,5 +318,5 @@ def score_stage(
         out.write_chunk(g.to_dict() for g in chunk)
         bar.update(len(chunk))
     bar.close()
-    out.finalize()
+    out.finalize([g.id for g in groups])
     return len(pending)

@@ -33,6 +33,7 @@ from bpo_jax.data.batching import pad_and_stack
 from bpo_jax.data.readers import iter_records
 from bpo_jax.data.schema import DataError, PromptRecord
 from bpo_jax.data.tokenize import RaggedTokens, encode_prompts, render_prompt
+from bpo_jax.distributed import local_mesh, local_model, share
 from bpo_jax.models.hf import _to_host as to_host
 from bpo_jax.models.llama import CausalLM, default_positions
 from bpo_jax.resumable import ResumableJsonl, check_unique_ids
@@ -460,9 +461,13 @@ def sample_stage(
     is rendered with the chat template plus the generation prompt. Output records
     {id, prompt, responses: [str], truncated: [bool]} are written chunk by chunk (`chunk_size`
     prompts, default 4 decode batches); a rerun skips prompts already written. Returns the number
-    of prompts sampled by this call.
+    of prompts sampled by this call (this process's, multi-host: each process samples its share
+    of the prompts on its own devices, bpo_jax.distributed).
     """
     prompts_path = Path(prompts_path)
+    if jax.process_count() > 1:
+        mesh = local_mesh(mesh or make_mesh())
+        model = local_model(model, mesh)
     records: list[PromptRecord] = list(iter_records(prompts_path, "prompts"))
     check_unique_ids([r.id for r in records], str(prompts_path))
     cfg = dataclasses.replace(cfg, stop_ids=cfg.stop_ids + (tokenizer.eos_id,))
@@ -470,7 +475,7 @@ def sample_stage(
     settings = {"stage": "sample", **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "batch_size"}}
     out = ResumableJsonl(out_path, settings)
     done = out.done_ids()
-    pending = [i for i, r in enumerate(records) if r.id not in done]
+    pending = [int(i) for i in share(len(records)) if records[i].id not in done]
     chunk_size = chunk_size or 4 * cfg.batch_size
     for start in range(0, len(pending), chunk_size):
         chunk = pending[start : start + chunk_size]
@@ -491,5 +496,5 @@ def sample_stage(
             }
             for k, i in enumerate(chunk)
         )
-    out.finalize()
+    out.finalize([r.id for r in records])
     return len(pending)

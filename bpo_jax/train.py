@@ -28,11 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 from bpo_jax.checkpointing import Checkpointer
 from bpo_jax.config import OptimSection, TrainSection
+from bpo_jax.data.batching import to_global_batch
 from bpo_jax.data.packing import is_packed, pack_batch
+from bpo_jax.distributed import host_packed_batch
 from bpo_jax.losses import (
     chunked_sequence_logps,
     chunked_token_logps,
@@ -45,6 +47,7 @@ from bpo_jax.losses import (
     token_logps,
 )
 from bpo_jax.metrics import MetricsLogger
+from bpo_jax.models.hf import _to_host as to_host
 from bpo_jax.models.llama import CausalLM
 from bpo_jax.models.lora import has_lora
 from bpo_jax.sharding import BATCH_AXES, batch_sharding, replicated, state_shardings
@@ -225,7 +228,11 @@ class Trainer:
         return self._train_step_impl
 
     def _place(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
-        """Split over the data axes (a no-op for arrays already placed so, e.g. multi-host input)."""
+        """Split over the data axes (a no-op for arrays already placed so). Multi-host, a host batch
+        holds this process's rows only (PreferenceBatcher(process_index=...)): the hosts' rows are
+        joined into the global batch."""
+        if jax.process_count() > 1 and not any(isinstance(v, jax.Array) for v in batch.values()):
+            return to_global_batch(batch, self.mesh, P(BATCH_AXES))
         return {k: jax.device_put(v, batch_sharding(self.mesh, np.ndim(v))) for k, v in batch.items()}
 
     def tokens_in(self, batch: dict[str, Any]) -> int:
@@ -274,27 +281,28 @@ class DPOTrainer(Trainer):
             raise ValueError("reference 'lora_off' needs a LoRA model (lora.rank > 0)")
         if cfg.reference == "none" and cfg.loss_type != "simpo":
             raise ValueError(f"reference 'none' only suits reference-free losses (simpo), not {cfg.loss_type!r}")
-        if cfg.packing and jax.process_count() > 1:
-            raise ValueError("train.packing packs each host's rows on its own; multi-host runs are not supported yet")
         super().__post_init__()
         if cfg.reference == "frozen_copy":
             # Its own copy of the initial trainable params (jnp.copy: new buffers, never donated).
             self.reference_params = jax.tree.map(jnp.copy, self._initial_trainable)
 
     def _place(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
-        """With train.packing, pack the padded host batch first (one micro-batch per row group)."""
+        """With train.packing, pack the padded host batch first (one micro-batch per row group);
+        multi-host, each host packs its own rows and the packed rows are joined across hosts."""
         if self.config.reference == "precomputed" and "ref_chosen_logps" not in batch:
             raise ValueError(
                 "reference 'precomputed' needs batches with ref_chosen_logps/ref_rejected_logps "
                 "(TokenizedPairs.with_ref_logps, e.g. from precompute_reference_logps)"
             )
         if self.config.packing and not is_packed(batch):
-            shards = int(np.prod([self.mesh.shape[a] for a in BATCH_AXES]))
+            shards = int(np.prod([self.mesh.shape[a] for a in BATCH_AXES])) // jax.process_count()
             batch = pack_batch(
                 {k: np.asarray(v) for k, v in batch.items()},
                 groups=self.config.grad_accum_steps,
                 row_multiple=shards,
             )
+            if jax.process_count() > 1:
+                batch = host_packed_batch(batch, self.config.grad_accum_steps)
         return super()._place(batch)
 
     def _micro_loss(self, trainable, frozen, reference_params, batch, n_valid_total):
@@ -434,7 +442,7 @@ def precompute_reference_logps(
             for k, v in batch.items()
             if k.endswith(("input_ids", "attention_mask", "loss_mask"))
         }
-        c, r = jax.device_get(logps(params, placed))
+        c, r = (to_host(x) for x in logps(params, placed))
         keep = np.asarray(batch["valid"]) > 0
         indices.append(np.asarray(batch["example_index"])[keep])
         chosen.append(np.asarray(c)[keep])

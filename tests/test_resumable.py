@@ -25,7 +25,7 @@ def test_chunks_then_finalize(tmp_path):
     out.write_chunk(records("a", "b"))
     out.write_chunk([])  # nothing to write: no empty part file
     out.write_chunk(records("c"))
-    assert sorted(p.name for p in out.parts.iterdir()) == ["000000.jsonl", "000001.jsonl", "settings.json"]
+    assert sorted(p.name for p in out.parts.iterdir()) == ["000-000000.jsonl", "000-000001.jsonl", "settings.json"]
     again = ResumableJsonl(tmp_path / "o.jsonl", {"stage": "x"})  # a rerun sees what is done
     assert again.done_ids() == {"a", "b", "c"} and not (tmp_path / "o.jsonl").exists()
     again.finalize()
@@ -37,6 +37,22 @@ def test_chunks_then_finalize(tmp_path):
     more.finalize()
     assert read(tmp_path / "o.jsonl") == records("a", "b", "c", "d")
 
+
+
+def test_parts_of_several_processes_join_in_input_order(tmp_path, monkeypatch):
+    """Multi-host: each process writes its share's chunks under its own name; finalize puts the
+    records in the input's order, whatever the number of writers or the order they wrote in."""
+    order = ["a", "b", "c", "d", "e"]
+    for process, ids in ((1, "bd"), (0, "ace")):  # process p of 2 takes input records p, p + 2, ...
+        monkeypatch.setattr(resumable.jax, "process_index", lambda p=process: p)
+        writer = ResumableJsonl(tmp_path / "o.jsonl", {"stage": "x"})
+        writer.write_chunk(records(*ids[:1]))
+        writer.write_chunk(records(*ids[1:]))
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / ".o.jsonl.parts").glob("*.jsonl")) == [
+        "000-000000.jsonl", "000-000001.jsonl", "001-000000.jsonl", "001-000001.jsonl"]
+    ResumableJsonl(tmp_path / "o.jsonl", {"stage": "x"}).finalize(order)
+    assert read(tmp_path / "o.jsonl") == records(*order)
 
 def test_kill_between_writing_the_output_and_removing_the_parts(tmp_path, monkeypatch):
     out = ResumableJsonl(tmp_path / "o.jsonl", {"stage": "x"})
@@ -71,15 +87,15 @@ def test_a_torn_part_is_never_left_behind(tmp_path, monkeypatch):
 
     real = resumable.write_jsonl
 
-    def write_lazily(path, rows):
-        return real(path, rows_then_kill())
+    def write_lazily(path, rows, **options):
+        return real(path, rows_then_kill(), **options)
 
     monkeypatch.setattr(resumable, "write_jsonl", write_lazily)
     with pytest.raises(KeyboardInterrupt):
         out.write_chunk(records("b", "c"))
     monkeypatch.undo()
     assert ResumableJsonl(tmp_path / "o.jsonl", {"stage": "x"}).done_ids() == {"a"}
-    assert sorted(p.name for p in out.parts.iterdir()) == ["000000.jsonl", "settings.json"]
+    assert sorted(p.name for p in out.parts.iterdir()) == ["000-000000.jsonl", "settings.json"]
 
 
 def test_other_settings_are_refused(tmp_path):
