@@ -556,7 +556,14 @@ def check_inputs(config: RunConfig) -> None:
     d = config.data
     for kind, path in (("prompts", d.prompts), ("prompts", d.eval_prompts), ("pairs", d.eval_pairs),
                        ("scored", d.scored), ("pairs", d.pairs)):
-        if path and not read_records(path, kind, d.skip_bad_rows)[0]:
+        if not path:
+            continue
+        records, report = read_records(path, kind, d.skip_bad_rows)
+        if report.n_skipped:  # data.skip_bad_rows: say what was left out, and where
+            reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(report.skipped.items()))
+            log(f"warning: {path}: skipping {report.n_skipped} of {report.n_rows} rows ({reasons}); "
+                f"first: {'; '.join(report.examples[:3])}")
+        if not records:
             raise DataError(str(path), None, "empty", f"no {kind} records in the file")
     if config.sft.enabled and not read_demonstrations(config.sft.data):
         raise DataError(str(config.sft.data), None, "empty", "no demonstrations in the file")

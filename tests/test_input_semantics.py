@@ -82,3 +82,16 @@ def test_config_with_latin1_bytes_names_the_byte(tmp_path):
     f.write_bytes(b"run_dir: caf\xe9\n")
     with pytest.raises(ConfigError, match=rf"^{f}: not UTF-8 text \(byte 0xe9 at offset 12\)$"):
         load_config(f, check_files=False)
+
+
+def test_skipped_rows_are_named_in_a_warning_before_the_run(tmp_path, capsys):
+    from bpo_jax.config import config_from_dict
+    from bpo_jax.pipeline import check_inputs
+
+    pairs = write_lines(tmp_path / "pairs.jsonl", '{"prompt": "q", "chosen": "a", "rejected": "b"}',
+                        '{"prompt": "q", "chosen": "a", "rejected": "a"}', '{"prompt": "q", "chosen": "a"}')
+    config = config_from_dict({"run_dir": str(tmp_path / "run"), "data": {"pairs": str(pairs), "skip_bad_rows": True}})
+    check_inputs(config)
+    assert capsys.readouterr().out == (
+        f"warning: {pairs}: skipping 2 of 3 rows (1 missing_field, 1 same_as_chosen); first: {pairs}:2: field "
+        f"'rejected': chosen and rejected are identical: no preference; {pairs}:3: field 'rejected': missing\n")
