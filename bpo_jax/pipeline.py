@@ -84,7 +84,7 @@ class Run:
         r = self.root
         return {
             "stats": [r / "stats"],
-            "sft": [self.sft_model, r / "sft"],
+            "sft": [self.sft_model, r / "sft", r / "gguf_tokenizer"],  # (the tokenizer follows model.gguf)
             "sample": [self.selected_prompts, r / "bpo" / "breadth_report.json", self.responses,
                        r / f".{self.responses.name}.parts"],
             "score": [r / "scored.jsonl", r / ".scored.jsonl.parts"],
