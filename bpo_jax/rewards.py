@@ -167,7 +167,7 @@ def score_tokens(
         ids, mask = pad_tokens(seqs.take(sel), bucket_length(seqs.lengths[sel].max()), "right")
         filler = ((0, rows - len(sel)), (0, 0))
         placed = [to_global(np.pad(a, filler), batch_sharding(mesh, 2)) for a in (ids, mask)]
-        out[sel] = to_host(_scores(graphdef, state, *placed))[: len(sel)]
+        out[sel] = to_host(_scores(graphdef, state, *placed))[: len(sel), column]
     return out
 
 
