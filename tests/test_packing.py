@@ -17,6 +17,7 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bpo_jax import distributed
 from bpo_jax.config import LoraSection, ModelSection, OptimSection, RunConfig, TrainSection, validate
 from bpo_jax.data.batching import collate_pairs
 from bpo_jax.data.packing import first_fit_decreasing, is_packed, pack_batch, padding_fraction
@@ -96,13 +97,44 @@ def test_pack_batch_layout_reproduces_every_sequence():
     assert is_packed(packed) and not is_packed(padded)
     rows = packed["input_ids"].shape[0]
     assert rows % 4 == 0  # 2 groups x rows rounded to a multiple of 2
+    assert_packed_layout(packed, padded, indices, groups=2)
+    real = int(padded["chosen_attention_mask"].sum() + padded["rejected_attention_mask"].sum())
+    assert np.count_nonzero(packed["segment_ids"]) == real
+    assert padding_fraction(packed) == pytest.approx(1 - real / packed["segment_ids"].size)
+    assert padding_fraction(padded) == pytest.approx(1 - real / (2 * 8 * 24))
+
+
+def test_hosts_pack_their_rows_into_one_global_batch(monkeypatch):
+    """Multi-host packing (distributed.host_packed_batch), two hosts simulated: each packs its half
+    of the global batch; with segment ids shifted past the other host's pairs and rows padded to
+    the larger host's count, the joined rows hold every sequence where the trainer's interleaved
+    micro-batch split expects it."""
+    data = _pairs(8, seed=3)
+    indices = np.array([0, 1, 2, 3, 4, 5, 6, -1])
+    padded = collate_pairs(data, indices, 24)
+    halves = [{k: v[4 * h : 4 * h + 4] for k, v in padded.items()} for h in (0, 1)]
+    packed = [pack_batch(half, groups=2, row_multiple=1) for half in halves]
+    most = max(p["input_ids"].shape[0] for p in packed)
+    monkeypatch.setattr(distributed, "allgather_max", lambda value: most)
+    joined = []
+    for host, host_batch in enumerate(packed):
+        monkeypatch.setattr(distributed.jax, "process_index", lambda host=host: host)
+        joined.append(distributed.host_packed_batch(host_batch, groups=2))
+    monkeypatch.undo()
+    assert {j["input_ids"].shape[0] for j in joined} == {most}
+    assert_packed_layout({k: np.concatenate([j[k] for j in joined]) for k in joined[0]}, padded, indices, groups=2)
+
+
+def assert_packed_layout(packed, padded, indices, groups):
+    """Every sequence of `padded` whole and contiguous in one row of its micro-batch of `packed`."""
+    rows = packed["input_ids"].shape[0]
     np.testing.assert_array_equal(packed["valid"], padded["valid"])
     np.testing.assert_array_equal(packed["example_index"], padded["example_index"])
     for i, idx in enumerate(indices):
-        group, local = i % 2, i // 2
+        group, local = i % groups, i // groups
         for side, name in enumerate(("chosen", "rejected")):
-            # Segment ids are local to a micro-batch; micro-batch `group` owns rows group, group+2, ...
-            owned = (np.arange(rows) % 2 == group)[:, None]
+            # Segment ids are local to a micro-batch; micro-batch `group` owns rows group, group+k, ...
+            owned = (np.arange(rows) % groups == group)[:, None]
             where = (packed["segment_ids"] == 2 * local + 1 + side) & owned
             if idx < 0:
                 assert not where.any()
@@ -115,10 +147,6 @@ def test_pack_batch_layout_reproduces_every_sequence():
             np.testing.assert_array_equal(packed["input_ids"][r[0], cols], padded[f"{name}_input_ids"][i, :n])
             np.testing.assert_array_equal(packed["loss_mask"][r[0], cols], padded[f"{name}_loss_mask"][i, :n])
             np.testing.assert_array_equal(packed["positions"][r[0], cols], np.arange(n))
-    real = int(padded["chosen_attention_mask"].sum() + padded["rejected_attention_mask"].sum())
-    assert np.count_nonzero(packed["segment_ids"]) == real
-    assert padding_fraction(packed) == pytest.approx(1 - real / packed["segment_ids"].size)
-    assert padding_fraction(padded) == pytest.approx(1 - real / (2 * 8 * 24))
 
 
 def test_pack_batch_rejects_left_padding():
