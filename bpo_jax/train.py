@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import json
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple
@@ -50,6 +51,7 @@ from bpo_jax.metrics import MetricsLogger
 from bpo_jax.models.hf import _to_host as to_host
 from bpo_jax.models.llama import CausalLM
 from bpo_jax.models.lora import has_lora
+from bpo_jax.resumable import ResumeError
 from bpo_jax.sharding import BATCH_AXES, batch_sharding, replicated, state_shardings
 
 REFERENCE_MODES = ("precomputed", "frozen_copy", "lora_off", "none")
@@ -375,6 +377,27 @@ def timed_steps(trainer: Trainer, state: TrainState, batches: Iterable[dict]) ->
         yield state, metrics
 
 
+SETTINGS_KEY = "train_settings"  # in a checkpoint's data item, beside the batcher position
+# TrainSection fields that do not change what the steps compute: a resumed run may change them.
+_FREE_ON_RESUME = ("checkpoint_every", "keep_checkpoints", "log_every")
+
+
+def resume_settings(trainer: Trainer) -> dict[str, Any]:
+    """What a checkpoint must have been made with to be continued: objective, optimizer, schedule."""
+    cfg = {k: v for k, v in dataclasses.asdict(trainer.config).items() if k not in _FREE_ON_RESUME}
+    return json.loads(json.dumps({"trainer": type(trainer).__name__, "total_steps": trainer.total_steps, **cfg}))
+
+
+def check_resumable(saved: dict[str, Any], settings: dict[str, Any], directory: Path) -> None:
+    """Refuse to continue checkpoints made with other training settings (checkpoints from before
+    settings were saved carry none and are continued)."""
+    changed = sorted(k for k in saved.keys() | settings.keys() if saved.get(k) != settings.get(k))
+    if changed:
+        details = "; ".join(f"{k}: {saved.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+        raise ResumeError(f"{directory}: checkpoints made with other training settings ({details}); "
+                          "restore them to resume, or move the directory away to start afresh")
+
+
 def fit(
     trainer: Trainer,
     batches: Iterator[dict],
@@ -395,8 +418,10 @@ def fit(
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=keep_checkpoints)
     state = trainer.init_state()
     start = 0
+    settings = resume_settings(trainer)
     if checkpointer.latest_step() is not None:
         state, data_state = checkpointer.restore(state)
+        check_resumable(data_state.pop(SETTINGS_KEY, settings), settings, checkpointer.directory)
         if hasattr(batches, "set_state"):
             batches.set_state(data_state)
         start = int(state.step)
@@ -410,7 +435,7 @@ def fit(
             logger.log(step, metrics)
             if step == num_steps or (checkpoint_every and step % checkpoint_every == 0):
                 data_state = batches.get_state() if hasattr(batches, "get_state") else {}
-                checkpointer.save(step, state, data_state)
+                checkpointer.save(step, state, {**data_state, SETTINGS_KEY: settings})
     finally:
         checkpointer.close()
         logger.close()

@@ -8,6 +8,7 @@ import os
 import struct
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -150,3 +151,32 @@ def test_damaged_safetensors_file_is_named_in_the_error(tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(hf.CheckpointError, match=f"{weights}: not a readable safetensors file"):
         hf.load_hf_model(out)
+
+
+def test_fit_refuses_checkpoints_made_with_other_training_settings(tmp_path, capsys):
+    import dataclasses
+
+    from bpo_jax.config import OptimSection, TrainSection
+    from bpo_jax.data.batching import PreferenceBatcher
+    from bpo_jax.data.tokenize import RaggedTokens, TokenizedPairs
+    from bpo_jax.sharding import make_mesh, shard_model
+    from bpo_jax.train import DPOTrainer, fit
+
+    rng = np.random.default_rng(0)
+    seqs = lambda: [rng.integers(2, 16, size=3).tolist() for _ in range(8)]  # noqa: E731
+    data = TokenizedPairs(prompt=RaggedTokens.from_lists(seqs()), chosen=RaggedTokens.from_lists(seqs(), append=1),
+                          rejected=RaggedTokens.from_lists(seqs(), append=1), ids=np.array([f"p{i}" for i in range(8)]),
+                          source_index=np.arange(8), max_length=8, pad_id=0)
+    mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])  # one device: the quickest compile
+    base = TrainSection(reference="frozen_copy", batch_size=8, seed=0, optim=OptimSection(learning_rate=1e-2))
+
+    def run(cfg, steps):
+        trainer = DPOTrainer(shard_model(tiny_model(), mesh), cfg, mesh, total_steps=4)
+        return fit(trainer, PreferenceBatcher(data, 8, seed=0), run_dir=tmp_path, num_steps=steps)
+
+    run(base, 2)
+    with pytest.raises(ResumeError, match=r"checkpoints made with other training settings \(beta: 0.1 -> 0.5\)"):
+        run(dataclasses.replace(base, beta=0.5), 4)
+    capsys.readouterr()
+    state = run(dataclasses.replace(base, checkpoint_every=1, log_every=2), 4)  # cadence may change on resume
+    assert "resumed from the checkpoint at step 2 of 4" in capsys.readouterr().out and int(state.step) == 4
