@@ -33,6 +33,8 @@ def write_lines(path, *lines: str):
      "unreadable JSON: Exceeds the limit"),
     ("pairs", "[" * 100_000 + "]" * 100_000, None, "invalid_json", "unreadable JSON: nested too deeply"),
     ("prompts", '{"id": "p2", "prompt": "half an emoji \\ud83d"}', None, "not_text", "a lone UTF-16 surrogate"),
+    ("scored", '{"prompt": "b", "responses": ["x", "y"], "rewards": [1' + "0" * 400 + ', 0]}', "rewards[0]",
+     "non_finite_reward", "reward 100000000000... is too large"),
 ])
 def test_meaningless_rows_name_file_line_and_field(tmp_path, kind, second, field, reason, detail):
     first = {"prompts": '{"id": "p1", "prompt": "a"}',

@@ -194,7 +194,11 @@ def _parse_scored(row: dict[str, Any], row_index: int, where: str) -> ScoredGrou
     for i, r in enumerate(rewards):
         if isinstance(r, bool) or not isinstance(r, (int, float)):
             raise DataError(where, f"rewards[{i}]", "wrong_type", f"expected a number, got {r!r}")
-        if not math.isfinite(r):
+        try:
+            finite = math.isfinite(r)
+        except OverflowError:  # an integer beyond the float range
+            raise DataError(where, f"rewards[{i}]", "non_finite_reward", f"reward {str(r)[:12]}... is too large") from None
+        if not finite:
             raise DataError(where, f"rewards[{i}]", "non_finite_reward", f"reward is {r}")
     truncated = row.get("truncated")
     if truncated is not None:
