@@ -125,7 +125,7 @@ def _locate(target: str) -> Path | None:
 
         try:
             return resolve_path(target)
-        except Exception:  # a missing asset package is reported by config validation
+        except FileNotFoundError:  # a missing asset package (reported by config validation)
             return None
     path = Path(target)
     if path.exists():
