@@ -1,12 +1,14 @@
-"""Study arms as one program: stacked, vmapped arms (bpo_jax.arms) vs the same arms one after another.
+"""Study arms as one program (bpo_jax.arms): stacked arms, vmapped or looped inside the program, vs
+the same arms one after another.
 
     python -m bench.bench_arms [--size cpu|gpu]
 
 The studies' model and batch (configs/studies/sort_base.yaml: a 2-layer Llama of hidden 64 over a
 15-token vocabulary, 32 pairs of 32 tokens per step). "One after another" is the ordinary jitted
 DPO step of one trainer, called for each arm in turn with that arm's state and batch (compiled
-once, so no compile time is counted on either side); "stacked" is ArmsTrainer.train_step. The same
-for held-out sampling: generate(..., arms=) vs generate per arm. Both sides are warmed up, then
+once, so no compile time is counted on either side); "stacked" is ArmsTrainer.train_step in each
+mode of bpo_jax.stacking (vmap: batched ops; map: a loop over arms inside the program). The same
+for held-out sampling: generate(..., arms=) vs generate per arm. All sides are warmed up, then
 timed in alternating blocks; medians are reported.
 """
 
@@ -27,11 +29,12 @@ from bpo_jax.models.llama import init_model
 from bpo_jax.sampling import SamplingConfig, default_mesh, generate
 from bpo_jax.train import DPOTrainer, TrainState
 
-TITLE = "Study arms: stacked (vmap over arms) vs one after another"
+TITLE = "Study arms: stacked (vmap / loop over arms in one program) vs one after another"
 MODEL = ModelConfig(vocab_size=15, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=64, eos_token_id=2)
+                    num_key_value_heads=2, head_dim=16, max_position_embeddings=64, eos_token_id=2)
 ARMS = {"cpu": 16, "gpu": 64}
 STEPS_PER_BLOCK = 5
+MODES = ("vmap", "map")
 
 
 def random_pairs(n: int, seed: int) -> TokenizedPairs:
@@ -53,15 +56,15 @@ def run(size: str) -> list[dict]:
     trainer = DPOTrainer(model, cfg, default_mesh(), total_steps=1000)
     params = nnx.split(model, nnx.Param, ...)[1]
     seeds = list(range(num_arms))
-    arms = ArmsTrainer(trainer, [params] * num_arms, seeds)
     batchers = [PreferenceBatcher(random_pairs(256, s), 32, seed=s, buckets=(32,)) for s in seeds]
-    stacked = {"state": arms.init_state()}
+    stacked = {mode: ArmsTrainer(trainer, [params] * num_arms, seeds, mode=mode) for mode in MODES}
+    states = {mode: arms.init_state() for mode, arms in stacked.items()}
     alone = [TrainState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params), trainer.tx.init(params), jax.random.PRNGKey(s))
              for s in seeds]
 
-    def stacked_block() -> None:
+    def stacked_block(mode: str) -> None:
         for _ in range(STEPS_PER_BLOCK):
-            stacked["state"], _ = arms.train_step(stacked["state"], [next(b) for b in batchers])
+            states[mode], _ = stacked[mode].train_step(states[mode], [next(b) for b in batchers])
 
     def alone_block() -> None:
         for _ in range(STEPS_PER_BLOCK):
@@ -69,38 +72,37 @@ def run(size: str) -> list[dict]:
                 alone[a], metrics = trainer.train_step(alone[a], next(b))
                 jax.block_until_ready(metrics)
 
-    stacked_block(), alone_block()  # compile and warm up
-    blocks = interleave({"stacked": lambda: {"seconds": timed(stacked_block)[0]},
-                         "alone": lambda: {"seconds": timed(alone_block)[0]}}, 4)
-    work = STEPS_PER_BLOCK * num_arms
-    train_rate = {k: work / median([b["seconds"] for b in v]) for k, v in blocks.items()}
+    sides = {**{mode: (lambda m=mode: stacked_block(m)) for mode in MODES}, "alone": alone_block}
+    train_rate = rates(sides, STEPS_PER_BLOCK * num_arms)
 
     prompts = [np.random.default_rng(i).integers(3, 15, size=10).tolist() for i in range(128)]
     sampling = SamplingConfig(n=4, temperature=1.0, max_new_tokens=12, batch_size=128, seed=0)
-    weights = arms.weights(stacked["state"])
-    models = [arms.model_of(stacked["state"], a) for a in range(num_arms)]
-
-    def sample_stacked() -> None:
-        generate(models[0], prompts, sampling, arms=weights, progress=False)
-
-    def sample_alone() -> None:
-        for m in models:
-            generate(m, prompts, sampling, progress=False)
-
-    sample_stacked(), sample_alone()
-    blocks = interleave({"stacked": lambda: {"seconds": timed(sample_stacked)[0]},
-                         "alone": lambda: {"seconds": timed(sample_alone)[0]}}, 4)
-    sample_rate = {k: num_arms * len(prompts) * 4 / median([b["seconds"] for b in v]) for k, v in blocks.items()}
+    models = [stacked["map"].model_of(states["map"], a) for a in range(num_arms)]
+    sides = {**{mode: (lambda m=mode: generate(models[0], prompts, sampling, arms=stacked[m].weights(states["map"]), progress=False))
+                for mode in MODES},
+             "alone": lambda: [generate(m, prompts, sampling, progress=False) for m in models]}
+    sample_rate = rates(sides, num_arms * len(prompts) * 4)
     command = f"python -m bench.bench_arms --size {size}"
     shape = f"{num_arms} arms, the studies' model (2 layers, hidden 64, vocab 15)"
-    return [
-        make_row("DPO steps of study arms: stacked vs one after another", train_rate["stacked"], train_rate["alone"],
-                 "arm-steps/s", command, note=f"{shape}, 32 pairs x 32 tokens per arm-step; {STEPS_PER_BLOCK} steps "
-                 "per block, 4 alternating blocks, medians; compile excluded on both sides."),
-        make_row("held-out sampling of study arms: stacked vs one after another", sample_rate["stacked"],
-                 sample_rate["alone"], "responses/s", command,
-                 note=f"{shape}, 128 prompts x 4 samples x 12 new tokens per arm; compile excluded."),
-    ]
+    rows = []
+    for mode in MODES:
+        rows.append(make_row(f"DPO steps of study arms: stacked ({mode}) vs one after another", train_rate[mode],
+                             train_rate["alone"], "arm-steps/s", command,
+                             note=f"{shape}, 32 pairs x 32 tokens per arm-step; {STEPS_PER_BLOCK} steps per block, "
+                                  "4 alternating blocks, medians; compile excluded on every side."))
+    for mode in MODES:
+        rows.append(make_row(f"held-out sampling of study arms: stacked ({mode}) vs one after another", sample_rate[mode],
+                             sample_rate["alone"], "responses/s", command,
+                             note=f"{shape}, 128 prompts x 4 samples x 12 new tokens per arm; compile excluded."))
+    return rows
+
+
+def rates(sides: dict, work: int) -> dict[str, float]:
+    """Warm every side up once, time them in alternating blocks; work units per second (median)."""
+    for fn in sides.values():
+        fn()
+    blocks = interleave({name: (lambda f=fn: {"seconds": timed(f)[0]}) for name, fn in sides.items()}, 4)
+    return {name: work / median([b["seconds"] for b in v]) for name, v in blocks.items()}
 
 
 if __name__ == "__main__":

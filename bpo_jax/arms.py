@@ -1,12 +1,12 @@
-"""Many training arms as one program: parameters stacked on a leading axis, `jax.vmap` over arms.
+"""Many training arms as one program: parameters stacked on a leading axis, one step for all arms.
 
 A study trains dozens of small arms that share a model shape and a training recipe and differ
-only in their pairs and seeds. One after another, every arm pays its own compile-free but
-dispatch-bound small steps; stacked, one jitted step updates every arm at once and the matrix
-products get an arm dimension to fill the machine with. Each arm keeps its own data order (its own
+only in their pairs and seeds. One jitted step updates every arm (bpo_jax.stacking: `jax.vmap`
+over arms, or a loop over arms inside the program, which XLA:CPU runs faster); no per-arm
+dispatch, host round trip or compile. Each arm keeps its own data order (its own
 PreferenceBatcher), its own PRNG key and its own optimizer state; the learning-rate schedule and
 the number of steps are shared. Arm a of the stack follows the trajectory of the same arm trained
-alone by `train.fit` (tests/test_arms.py; equal up to float rounding, since a batched matrix
+alone by the ordinary step (tests/test_arms.py; equal up to float rounding, since a batched matrix
 product may sum in another order).
 
 Arms train on one device (the study's arms are small; a mesh would shard each arm, not the arms).
@@ -27,7 +27,7 @@ from tqdm import tqdm
 from bpo_jax.checkpointing import Checkpointer
 from bpo_jax.data.batching import Batch, PreferenceBatcher
 from bpo_jax.io_utils import write_json
-from bpo_jax.sampling import ArmWeights
+from bpo_jax.stacking import ArmWeights, over_arms, resolve
 from bpo_jax.train import Trainer, TrainState
 
 _SEQUENCE_KEYS = ("input_ids", "attention_mask", "loss_mask")
@@ -55,14 +55,15 @@ def stack_batches(batches: Sequence[Batch]) -> Batch:
 
 
 class ArmsTrainer:
-    """`trainer`'s step vmapped over arms: arm a starts from initial_params[a] with seed seeds[a].
+    """`trainer`'s step over stacked arms: arm a starts from initial_params[a] with seed seeds[a].
 
     `trainer` supplies the graph, the frozen parameters, the optimizer and the loss (its own
     initial parameters are not used). Reference modes: precomputed, lora_off and none work per
-    arm; frozen_copy would share the trainer's single copy and is refused.
+    arm; frozen_copy would share the trainer's single copy and is refused. `mode`: how the program
+    runs over arms (bpo_jax.stacking: auto, vmap or map).
     """
 
-    def __init__(self, trainer: Trainer, initial_params: Sequence[nnx.State], seeds: Sequence[int]):
+    def __init__(self, trainer: Trainer, initial_params: Sequence[nnx.State], seeds: Sequence[int], mode: str = "auto"):
         if len(initial_params) != len(seeds) or not seeds:
             raise ValueError(f"need one seed per arm: {len(initial_params)} initial states, {len(seeds)} seeds")
         if trainer.mesh.devices.size != 1:
@@ -74,7 +75,15 @@ class ArmsTrainer:
         self.trainer = trainer
         self.seeds = [int(s) for s in seeds]
         self._initial = list(initial_params)
-        self._step = jax.jit(jax.vmap(trainer.pure_step, in_axes=(0, None, None, 0)), donate_argnums=(0,))
+        self.mode = resolve(mode)
+
+        def step_all(states, frozen, reference_params, batch):
+            def one_arm(state, arm_batch):
+                return trainer.pure_step(state, frozen, reference_params, arm_batch)
+
+            return over_arms(one_arm, self.mode)(states, batch)
+
+        self._step = jax.jit(step_all, donate_argnums=(0,))
 
     @property
     def num_arms(self) -> int:
@@ -98,7 +107,7 @@ class ArmsTrainer:
 
     def weights(self, state: TrainState) -> ArmWeights:
         """The arms' models as stacked weights (for `sampling.generate(..., arms=...)`)."""
-        return ArmWeights(self.trainer.graphdef, state.params, self.trainer.frozen)
+        return ArmWeights(self.trainer.graphdef, state.params, self.trainer.frozen, self.mode)
 
     def model_of(self, state: TrainState, arm: int):
         """Arm `arm`'s model (for export or single-model evaluation)."""

@@ -38,6 +38,7 @@ from bpo_jax.models.hf import _to_host as to_host
 from bpo_jax.models.llama import CausalLM, default_positions
 from bpo_jax.resumable import ResumableJsonl, check_unique_ids
 from bpo_jax.sharding import batch_sharding, make_mesh, state_shardings
+from bpo_jax.stacking import ArmWeights, over_arms, resolve
 from bpo_jax.tokenizer import Tokenizer
 
 MIN_BUCKET = 16
@@ -250,30 +251,17 @@ def _decode(graphdef, state, ids, mask, prompt_index, sample_index, valid, seed,
 _decode_jit = jax.jit(_decode, static_argnames=("graphdef", "spec"))
 
 
-class ArmWeights(NamedTuple):
-    """Several models of one shape as one pytree: `params` stacked on a leading arm axis, `frozen`
-    (the non-trained rest) shared; `nnx.merge(graphdef, params[a], frozen)` is arm a's model."""
-
-    graphdef: nnx.GraphDef
-    params: nnx.State
-    frozen: nnx.State
-
-    @property
-    def num_arms(self) -> int:
-        return int(jax.tree.leaves(self.params)[0].shape[0])
-
-
-def _decode_arms(graphdef, params, frozen, *args, spec: DecodeSpec) -> DecodeOutput:
-    """`_decode` of every arm at once (vmap over the stacked params): one program for all arms."""
+def _decode_arms(graphdef, params, frozen, *args, spec: DecodeSpec, mode: str) -> DecodeOutput:
+    """`_decode` of every arm (bpo_jax.stacking: vmap or a loop over arms), as one program."""
 
     def one_arm(arm_params):
         arm_graphdef, state = nnx.split(nnx.merge(graphdef, arm_params, frozen))
         return _decode(arm_graphdef, state, *args, spec=spec)
 
-    return jax.vmap(one_arm)(params)
+    return over_arms(one_arm, mode)(params)
 
 
-_decode_arms_jit = jax.jit(_decode_arms, static_argnames=("graphdef", "spec"))
+_decode_arms_jit = jax.jit(_decode_arms, static_argnames=("graphdef", "spec", "mode"))
 
 
 def decode_batch(
@@ -291,7 +279,7 @@ def decode_batch(
     """Decode one left-padded batch (ids/mask int32 [B, P]) on `mesh`; results as host arrays.
 
     Rows with valid = False are filler: they start finished and return no tokens. With `arms`,
-    every arm decodes the same rows with the same keys in one vmapped program, and each output
+    every arm decodes the same rows with the same keys in one program, and each output
     gains a leading arm axis (`model` then only supplies the configuration).
     """
     arrays = [(ids, np.int32), (mask, np.int32), (prompt_index, np.int32), (sample_index, np.int32), (valid, bool)]
@@ -302,7 +290,7 @@ def decode_batch(
         graphdef, state = nnx.split(model)
         out = _decode_jit(graphdef, params_on_mesh(state, mesh), *dynamic, spec=static)
     else:
-        out = _decode_arms_jit(arms.graphdef, arms.params, arms.frozen, *dynamic, spec=static)
+        out = _decode_arms_jit(arms.graphdef, arms.params, arms.frozen, *dynamic, spec=static, mode=resolve(arms.mode))
     return DecodeOutput(*(None if x is None else to_host(x) for x in out))
 
 
@@ -369,7 +357,7 @@ def generate(
     `indices` are the prompts' global indices (default 0..N-1); they seed the random keys, so a
     prompt gets the same responses whichever call or batch it is in. Stop tokens are cfg.stop_ids
     plus the model config's EOS ids. With `arms` (models of `model`'s shape stacked on one axis),
-    all arms sample in one vmapped program with the same keys, and the result is one
+    all arms sample in one program (bpo_jax.stacking) with the same keys, and the result is one
     GenerationResult per arm, each equal to what that arm would sample alone.
     """
     seqs = prompt_ids if isinstance(prompt_ids, RaggedTokens) else RaggedTokens.from_lists(prompt_ids)

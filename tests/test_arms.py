@@ -1,5 +1,5 @@
-"""Stacked arms (bpo_jax.arms): arms trained and sampled together as one vmapped program equal
-each arm trained and sampled alone.
+"""Stacked arms (bpo_jax.arms, bpo_jax.stacking): arms trained and sampled together as one program,
+vmapped or looped over arms, equal each arm trained and sampled alone.
 
 The reference is the ordinary single-arm path (DPOTrainer.train_step over the arm's own
 PreferenceBatcher; sampling.generate with the arm's own model). Tolerance: 1e-5 relative on
@@ -50,9 +50,9 @@ def fresh_model(lora: bool, seed: int):
     return model
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["full", "lora"])
+@pytest.fixture(scope="module", params=[(False, "vmap"), (False, "map"), (True, "map")], ids=["full-vmap", "full-map", "lora-map"])
 def runs(request):
-    lora = request.param
+    lora, mode = request.param
     cfg, datasets, seeds = arm_setup(lora)
     models = [fresh_model(lora, seed) for seed in seeds]
     initial = [nnx.split(m, trainable_filter(m), ...)[1] for m in models]
@@ -68,7 +68,8 @@ def runs(request):
             state, metrics = trainer.train_step(state, next(batches))
             losses.append(float(metrics["loss"]))
         alone.append((losses, jax.device_get(state.params), trainer.model_at(state)))
-    arms = ArmsTrainer(trainer, initial, seeds)
+    arms = ArmsTrainer(trainer, initial, seeds, mode=mode)
+    assert arms.mode == mode
     state = arms.init_state()
     batchers = [PreferenceBatcher(d, 8, seed=s) for d, s in zip(datasets, seeds)]
     together = []
@@ -139,3 +140,7 @@ def test_arms_refuse_what_they_cannot_do():
         ArmsTrainer(trainer, [params], [0])
     with pytest.raises(ValueError, match="one seed per arm"):
         ArmsTrainer(trainer, [params, params], [0])
+    lora_off = DPOTrainer(init_model(TINY, seed=0), train_config(reference="precomputed"), one_device_mesh(), total_steps=2)
+    with pytest.raises(ValueError, match="unknown arm mode 'pmap'"):
+        ArmsTrainer(lora_off, [params], [0], mode="pmap")
+    assert ArmsTrainer(lora_off, [params], [0]).mode == "map"  # auto on CPU (bpo_jax.stacking)

@@ -145,8 +145,9 @@ def plot_pairings(summary: dict, path: Path) -> bool:
         grid[i, j] = v
     fig, ax = plt.subplots(figsize=(6, 5))
     im = ax.imshow(grid, cmap="viridis")
+    middle = (np.nanmin(grid) + np.nanmax(grid)) / 2
     for (i, j), v in cells.items():
-        ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=7, color="w")
+        ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=7, color="k" if v > middle else "w")
     ax.set_xticks(range(len(POINTS)), POINTS, rotation=45)
     ax.set_yticks(range(len(POINTS)), POINTS)
     ax.set_xlabel("rejected point")

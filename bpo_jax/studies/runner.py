@@ -13,8 +13,8 @@ Arms differ only in what the study file says: they share the SFT model, the samp
 (an arm at n < max takes each prompt's first n, which is what sampling n would have drawn: keys
 follow the prompt and sample index), the number of optimizer steps and the batch size (an arm
 with fewer pairs runs more epochs), and the held-out prompts and sampling keys at evaluation.
-Arms with the same training recipe train as one vmapped program (bpo_jax.arms) and are sampled
-together. Every file is written atomically and every finished (arm, seed) is kept: rerunning the
+Arms with the same training recipe train as one program (bpo_jax.arms; vmap or a loop over
+arms, bpo_jax.stacking) and are sampled together. Every file is written atomically and every finished (arm, seed) is kept: rerunning the
 command after a kill redoes only what is missing or was made with other settings.
 """
 
@@ -301,7 +301,7 @@ def train_and_evaluate(study: Study, members: list[tuple[ArmRun, RunConfig, dict
     template = first.load_model(first.reference_dir)
     add_lora(template, first.config.lora, seed=seeds[0])
     trainer = DPOTrainer(template, t, mesh, total_steps=t.max_steps)
-    arms = ArmsTrainer(trainer, initial, seeds)
+    arms = ArmsTrainer(trainer, initial, seeds, mode=study.arms_mode)
     batchers = [PreferenceBatcher(d, t.batch_size, seed=s, buckets=first.buckets()) for d, s in zip(datasets, seeds)]
     group_dir = study.run_dir / "train" / _digest(sorted(fp for *_, fp in members))
     log(f"[study] training {len(members)} arms together: {t.max_steps} steps of {t.batch_size} pairs")

@@ -15,6 +15,7 @@
     seed_keys: [train.seed, pairs.seed, bpo.seed]
     baseline: {pairs.strategy: max/min}      # an arm's baseline: the arm matching this selector
                                              # that agrees with it on every other key
+    arms_mode: auto                          # optional: vmap | map | auto (bpo_jax.stacking)
     claims:                                  # each: an estimate with a CI and a verdict
       - claim: max/mu-2s beats max/min at n = 64
         better: {pairs.strategy: max/mu-2s, sample.n: 64}   # a selector, or a list of them
@@ -39,10 +40,11 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from bpo_jax.config import ConfigError
+from bpo_jax.stacking import MODES
 
 DEFAULT_SEED_KEYS = ("train.seed", "pairs.seed", "bpo.seed")
 _TOP_KEYS = {"name", "description", "base", "set", "run_dir", "shared_dir", "grid", "arms", "seeds", "seed_keys",
-             "baseline", "claims", "bootstrap", "max_arms_per_program"}
+             "baseline", "claims", "bootstrap", "max_arms_per_program", "arms_mode"}
 
 
 class StudyError(ConfigError):
@@ -78,6 +80,7 @@ class Study:
     claims: tuple[Claim, ...]
     bootstrap: int = 2000
     max_arms_per_program: int = 64
+    arms_mode: str = "auto"  # how one program runs over arms: auto | vmap | map (bpo_jax.stacking)
 
     def arm(self, name: str) -> Arm:
         return next(a for a in self.arms if a.name == name)
@@ -238,6 +241,9 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
     for key, value in (("bootstrap", bootstrap), ("max_arms_per_program", max_arms)):
         if not isinstance(value, int) or value < 1:
             raise _fail(path, key, f"must be a positive integer, got {value!r}")
+    arms_mode = raw.get("arms_mode", "auto")
+    if arms_mode not in MODES:
+        raise _fail(path, "arms_mode", f"must be one of {', '.join(MODES)}, got {arms_mode!r}")
     return Study(
         path=path,
         name=raw["name"],
@@ -253,4 +259,5 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
         claims=_claims(raw.get("claims") or [], arms, path),
         bootstrap=bootstrap,
         max_arms_per_program=max_arms,
+        arms_mode=arms_mode,
     )
