@@ -139,7 +139,8 @@ def runs(tmp_path_factory):
     multi = start(multi_args, 2, 4, root / "log-multi", env={"BPO_TEST_HOLD_AT_STEP": "2"})
     try:
         deadline = time.monotonic() + TIMEOUT
-        while not (root / "log-multi" / "holding").exists():
+        committed = root / "multi" / "train" / "checkpoints" / "2"  # orbax renames it into place last
+        while not ((root / "log-multi" / "holding").exists() and committed.is_dir()):
             assert all(p.poll() is None for p in multi) and time.monotonic() < deadline, output(root / "log-multi")[-6000:]
             time.sleep(0.2)
         kill(multi[1:])  # the host holding after its step-2 checkpoint dies; the other is stuck in
