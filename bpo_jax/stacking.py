@@ -5,8 +5,8 @@ Two ways, same results (up to float rounding), one compiled program either way:
         accelerators, whose kernels want large batches;
   map   `lax.map`: a loop over arms inside the program, each arm's ops exactly as alone.
 On XLA:CPU batched matrix products are slow: for the studies' model (2 layers, hidden 64, 32
-pairs x 32 tokens per arm), 16 arms ran 0.81x (training) and 0.45x (sampling) the speed of 16
-separate jitted calls under vmap, and 1.15x and 1.00x under map (bench/bench_arms.py, docs/
+pairs x 32 tokens per arm), 16 arms ran 0.76x (training) and 0.75x (sampling) the speed of 16
+separate jitted calls under vmap, and 1.11x and 1.07x under map (bench/bench_arms.py, docs/
 benchmarks.md). "auto" picks map on CPU and vmap on accelerators (not measured there yet).
 """
 
