@@ -33,6 +33,7 @@ from bpo_jax.sampling import (
     sample_tokens,
     sampling_logprobs,
 )
+from bpo_jax.data.schema import DataError
 from bpo_jax.data.tokenize import RaggedTokens
 from bpo_jax.sharding import make_mesh, shard_model
 from bpo_jax.tokenizer import Tokenizer
@@ -367,8 +368,10 @@ def test_sample_stage_refuses_to_mix_settings(tiny, tmp_path, monkeypatch):
 def test_duplicate_prompt_ids_are_refused(tiny, tmp_path):
     model, tok = tiny
     (tmp_path / "p.jsonl").write_text('{"id": "a", "prompt": "w1"}\n{"id": "a", "prompt": "w2"}\n')
-    with pytest.raises(ResumeError, match=r"p.jsonl: record 2: field 'id': duplicate id 'a'"):
+    # Refused while reading, naming both lines (bpo_jax.data.readers), before any sampling.
+    with pytest.raises(DataError, match=r"p.jsonl:2: field 'id': duplicate id 'a' \(first at .*p.jsonl:1\)"):
         sample_stage(model, tok, tmp_path / "p.jsonl", tmp_path / "o.jsonl", STAGE_CFG, progress=False)
+    assert not (tmp_path / "o.jsonl").exists()
 
 
 def test_min_new_tokens_excludes_stop_ids_until_reached():
