@@ -161,3 +161,36 @@ def test_an_arm_without_a_step_budget_is_refused(tmp_path):
     study = load_study(path, ["train.max_steps=0"])
     with pytest.raises(ConfigError, match="train.max_steps: must be > 0"):
         arm_runs(study)
+
+
+def test_a_breadth_arm_keeps_representative_prompts_with_uniform_depth(finished_study, tmp_path):
+    # Study C's arm shape on the finished study's shared samples: breadth compression to 6 of the
+    # 24 prompts (on the shared samples, not before sampling), 3 pairs each, max/mu-2s pair first.
+    from bpo_jax.balance import margin_ranked_pairs
+    from bpo_jax.pairs import build_pairs
+    from bpo_jax.studies.runner import arm_data, shared_config
+
+    path, run_dir, _ = finished_study
+    raw = yaml.safe_load(path.read_text())
+    raw.update(grid={"sample.n": [8]}, baseline=None, claims=[],
+               arms=[{"name": "balanced", "set": {"bpo.breadth_enabled": True, "bpo.num_prompts": 6,
+                                                  "bpo.pairs_per_prompt": 3, "bpo.depth_allocator": "off"}}])
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(raw))
+    study = load_study(tmp_path / "study.yaml")
+    [run, *_] = arm_runs(study)
+    _, report = arm_data(study, run, shared_config(study, [run]))
+    [selected] = (run_dir / "breadth").glob("*/scored_n8.jsonl")
+    chosen_groups = [json.loads(line) for line in selected.read_text().splitlines()]
+    groups = {json.loads(line)["id"]: json.loads(line)
+              for line in (run_dir / "shared" / "scored_n8.jsonl").read_text().splitlines()}
+    assert len(chosen_groups) == report["scored_prompts"] == 6
+    assert all(g == groups[g["id"]] for g in chosen_groups)  # whole groups of the shared samples
+    flat = [g["id"] for g in chosen_groups if max(g["rewards"]) == min(g["rewards"])]  # nothing to pair
+    assert (report["prompts"], report["pairs"]) == (6 - len(flat), 3 * (6 - len(flat)))
+    pairs = [json.loads(line) for line in Path(report["train_pairs"]).read_text().splitlines()]
+    kept = {p["meta"]["prompt_id"] for p in pairs}
+    sweet, _ = build_pairs([groups[g] for g in sorted(kept)], "max/mu-2s")
+    for pick in sweet:
+        mine = [(p["meta"]["chosen_index"], p["meta"]["rejected_index"]) for p in pairs if p["meta"]["prompt_id"] == pick["id"]]
+        first = (pick["meta"]["chosen_index"], pick["meta"]["rejected_index"])
+        assert mine == margin_ranked_pairs(groups[pick["id"]]["rewards"], 3, first=first)
