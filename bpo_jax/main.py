@@ -129,8 +129,10 @@ def run_command(argv: list[str] | None = None) -> int:
     if args.stage == "tfds":
         return build_tfds(args)
     if args.stage == "study":
+        from bpo_jax.compile_cache import enable_compile_cache
         from bpo_jax.studies.runner import run_study
 
+        enable_compile_cache()
         run_study(args.config, args.overrides)
         return 0
     if args.config is None:
@@ -158,8 +160,10 @@ def run_command(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         raise (e if e.where else e.located(args.config)) from None
 
+    from bpo_jax.compile_cache import enable_compile_cache
     from bpo_jax.pipeline import run_pipeline
 
+    enable_compile_cache()  # here, not at import: `import bpo_jax` leaves JAX's settings alone
     run_pipeline(config, args.stage)
     return 0
 

@@ -9,6 +9,8 @@ run time is dominated by XLA compiles, so the CPU backend compiles without optim
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# CLI runs (in-process or subprocesses) must neither write to ~/.cache nor reuse programs across tests.
+os.environ["BPO_JAX_COMPILE_CACHE"] = "off"
 for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"):
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
