@@ -91,8 +91,6 @@ def test_stacked_arms_follow_each_arm_trained_alone(runs):
 
 def test_stacked_arms_sample_what_each_arm_samples_alone(runs):
     alone, _, arms, state, lora = runs
-    if lora:
-        pytest.skip("one decode path for any parameters; the full fine-tuning arms cover it")
     cfg = SamplingConfig(n=3, temperature=1.0, max_new_tokens=5, batch_size=2, seed=11)
     prompts = [[20, 21, 22], [25, 26], [30, 31, 19, 18], [22]]
     together = generate(alone[0][2], prompts, cfg, arms=arms.weights(state), progress=False)
@@ -101,7 +99,8 @@ def test_stacked_arms_sample_what_each_arm_samples_alone(runs):
         single = generate(model, prompts, cfg, progress=False)
         assert result.tokens == single.tokens
         np.testing.assert_array_equal(result.finished, single.finished)
-    assert together[0].tokens != together[1].tokens
+    if not lora:  # 6 small steps barely move fresh LoRA adapters: their samples may coincide
+        assert together[0].tokens != together[1].tokens
 
 
 def test_stack_batches_pads_shorter_buckets():
