@@ -17,7 +17,7 @@ import numpy as np
 from bpo_jax.io_utils import atomic_open, pyplot, save_figure, write_json
 from bpo_jax.pairs import POINTS
 from bpo_jax.studies.spec import Study, run_stem
-from bpo_jax.studies.stats import Estimate, contrast_cells, estimate, verdict
+from bpo_jax.studies.stats import contrast_cells, estimate, verdict
 
 
 def _cells(study: Study, rows: Sequence[dict], what: str) -> dict[str, np.ndarray]:

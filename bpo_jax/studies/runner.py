@@ -250,7 +250,7 @@ def reference_rewards(study: Study, shared: RunConfig) -> np.ndarray:
     from bpo_jax.sampling import generate
 
     run = Run(shared)
-    key = _digest({"model": model_fingerprint(run), "eval": _flat(shared).get("eval.n"),
+    key = _digest({"model": model_fingerprint(run),
                    "settings": {k: v for k, v in _flat(shared).items() if k.startswith("eval")},
                    "prompts": signature("eval", config_to_dict(shared))["inputs"]})
     path = study.run_dir / "reference_eval.npz"
@@ -271,7 +271,6 @@ def reference_rewards(study: Study, shared: RunConfig) -> np.ndarray:
 def train_and_evaluate(study: Study, members: list[tuple[ArmRun, RunConfig, dict, str]], shared: RunConfig,
                        reference: np.ndarray) -> None:
     """Train a group of arms as one stacked program, sample and score them, save each (arm, seed)."""
-    import jax
     from flax import nnx
 
     from bpo_jax.arms import ArmsTrainer, fit_arms
@@ -311,8 +310,6 @@ def train_and_evaluate(study: Study, members: list[tuple[ArmRun, RunConfig, dict
     log(f"[study] held-out samples of {len(members)} arms: {len(records)} prompts x {eval_run.config.eval.n}")
     results = generate(template, ids, eval_sampling(eval_run), mesh, indices=np.arange(len(records)), arms=arms.weights(state))
     rewards = score_results(eval_run, records, results)
-    del state
-    jax.clear_caches()
     for (arm_run, _, report, fp), arm_rewards, arm_history, data in zip(members, rewards, history, datasets):
         save_arm_result(study, arm_run, fp, report, arm_rewards, reference, arm_history, len(data), t)
 
