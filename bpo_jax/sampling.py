@@ -423,6 +423,18 @@ def generate(
 
 
 # -- the pipeline stage --------------------------------------------------------------------------
+def encode_records(records: Sequence[PromptRecord], tokenizer: Tokenizer) -> RaggedTokens:
+    """Prompt records as sampling sees them: a string encoded with the special tokens, a
+    conversation rendered with the chat template plus the generation prompt."""
+    texts = [render_prompt(r.prompt, tokenizer, r.id) for r in records]
+    return encode_prompts(texts, [isinstance(r.prompt, list) for r in records], tokenizer)
+
+
+def stopping_at_eos(cfg: SamplingConfig, tokenizer: Tokenizer) -> SamplingConfig:
+    """`cfg` that also stops at the tokenizer's EOS (it may differ from the model config's)."""
+    return dataclasses.replace(cfg, stop_ids=cfg.stop_ids + (tokenizer.eos_id,))
+
+
 def response_texts(result: GenerationResult, tokenizer: Tokenizer) -> list[list[str]]:
     """texts[i][j]: the j-th response to prompt i as text; the stop token ends a response and is
     not part of its text."""
@@ -458,7 +470,7 @@ def sample_stage(
         model = local_model(model, mesh)
     records: list[PromptRecord] = list(iter_records(prompts_path, "prompts"))
     check_unique_ids([r.id for r in records], str(prompts_path))
-    cfg = dataclasses.replace(cfg, stop_ids=cfg.stop_ids + (tokenizer.eos_id,))
+    cfg = stopping_at_eos(cfg, tokenizer)
     # Settings that shape the responses (the batch size does not: keys follow the prompt index).
     settings = {"stage": "sample", **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "batch_size"}}
     out = ResumableJsonl(out_path, settings)
@@ -467,8 +479,7 @@ def sample_stage(
     chunk_size = chunk_size or 4 * cfg.batch_size
     for start in range(0, len(pending), chunk_size):
         chunk = pending[start : start + chunk_size]
-        texts = [render_prompt(records[i].prompt, tokenizer, records[i].id) for i in chunk]
-        ids = encode_prompts(texts, [isinstance(records[i].prompt, list) for i in chunk], tokenizer)
+        ids = encode_records([records[i] for i in chunk], tokenizer)
         empty = np.flatnonzero(ids.lengths == 0)
         if len(empty):
             rec = records[chunk[empty[0]]]

@@ -135,14 +135,19 @@ def nested_scored(shared_scored: Path, n: int, out: Path) -> Path:
 
 
 # -- each arm's data ------------------------------------------------------------------------------------
-def data_config(study: Study, run: ArmRun, shared: RunConfig, scored: Path) -> RunConfig:
-    """The ordinary run that turns this arm's scored groups into its training pairs (pairs, bpo)."""
+def starting_model(shared: RunConfig) -> list[str]:
+    """Overrides that make a derived run start from the shared run's SFT model (none without SFT)."""
     from bpo_jax.pipeline import Run
 
     base_model = Run(shared).reference_dir
-    model = ([f"model.path={json.dumps(str(base_model))}", "model.init=null", "model.gguf=null"]
-             if base_model is not None else [])
-    items = study.run_overrides(run.arm, run.seed) + model + [
+    if base_model is None:
+        return []
+    return [f"model.path={json.dumps(str(base_model))}", "model.init=null", "model.gguf=null"]
+
+
+def data_config(study: Study, run: ArmRun, shared: RunConfig, scored: Path) -> RunConfig:
+    """The ordinary run that turns this arm's scored groups into its training pairs (pairs, bpo)."""
+    items = study.run_overrides(run.arm, run.seed) + starting_model(shared) + [
         f"data.scored={json.dumps(str(scored))}", "sft.enabled=false", "bpo.breadth_enabled=false"]
     key = _digest(signature("bpo", config_to_dict(load_config(study.base, items + ["run_dir=x"]))))
     return load_config(study.base, items + [f"run_dir={json.dumps(str(study.run_dir / 'data' / key))}"])
@@ -158,11 +163,9 @@ def breadth_scored(study: Study, run: ArmRun, shared: RunConfig, scored: Path) -
     base_model = Run(shared).reference_dir
     directory = study.run_dir / "breadth" / _digest({"prompts": str(shared.data.prompts), "num_prompts": b.num_prompts,
                                                      "embedder": b.embedder, "seed": seed, "model": str(base_model)})
-    items = list(study.overrides) + [f"run_dir={json.dumps(str(directory))}", "sft.enabled=false",
-                                     f"bpo.num_prompts={b.num_prompts}", f"bpo.embedder={json.dumps(b.embedder)}",
-                                     f"bpo.seed={seed}", "bpo.breadth_enabled=true"]
-    if base_model is not None:
-        items += [f"model.path={json.dumps(str(base_model))}", "model.init=null", "model.gguf=null"]
+    items = list(study.overrides) + starting_model(shared) + [
+        f"run_dir={json.dumps(str(directory))}", "sft.enabled=false", f"bpo.num_prompts={b.num_prompts}",
+        f"bpo.embedder={json.dumps(b.embedder)}", f"bpo.seed={seed}", "bpo.breadth_enabled=true"]
     breadth_run = Run(load_config(study.base, items))
     selected = breadth_selection(breadth_run, Path(shared.data.prompts))
     with open(selected, encoding="utf-8") as f:
@@ -219,16 +222,17 @@ def group_key(config: RunConfig) -> str:
 def eval_prompts(config: RunConfig, tokenizer) -> tuple[list, Any]:
     """The held-out prompts (the first eval.num_prompts) and their token ids, as sampling encodes them."""
     from bpo_jax.data.readers import iter_records
-    from bpo_jax.data.tokenize import encode_prompts, render_prompt
+    from bpo_jax.sampling import encode_records
 
     records = list(iter_records(config.data.eval_prompts, "prompts"))[: config.eval.num_prompts or None]
-    texts = [render_prompt(r.prompt, tokenizer, r.id) for r in records]
-    return records, encode_prompts(texts, [isinstance(r.prompt, list) for r in records], tokenizer)
+    return records, encode_records(records, tokenizer)
 
 
 def eval_sampling(run) -> Any:
-    cfg = run.sampling_config(run.config.eval)
-    return dataclasses.replace(cfg, stop_ids=cfg.stop_ids + (run.tokenizer.eos_id,))
+    """The eval section's sampling settings, stopping where sample_stage would (bpo_jax.sampling)."""
+    from bpo_jax.sampling import stopping_at_eos
+
+    return stopping_at_eos(run.sampling_config(run.config.eval), run.tokenizer)
 
 
 def score_results(run, records, results) -> list[np.ndarray]:
