@@ -37,11 +37,9 @@ import yaml
 from bpo_jax.data.readers import is_tfds_reference
 from bpo_jax.data.schema import DataError
 from bpo_jax.io_utils import atomic_open
-from bpo_jax.losses import LOSS_TYPES
-from bpo_jax.models.config import ModelConfig, ModelConfigError
+from bpo_jax.mesh_shape import MESH_AXES, MeshError, resolve_mesh_shape
 from bpo_jax.packaged_assets import AssetNotInstalled, resolve_path
 from bpo_jax.pairs import DEFAULT_STRATEGY, parse_strategy
-from bpo_jax.sharding import MESH_AXES, MeshError, resolve_mesh_shape
 
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -473,7 +471,6 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "bpo.depth_allocator": DEPTH_ALLOCATORS,
     "bpo.base_pair": BASE_PAIRS,
     "bpo.projection": PROJECTIONS,
-    "train.loss_type": LOSS_TYPES,
     "train.reference": REFERENCE_MODES,
     "train.optim.schedule": SCHEDULES,
 }
@@ -554,11 +551,7 @@ def _check_values(config: RunConfig) -> None:
         raise TypeError(f"validate expects a RunConfig, got {type(config).__name__}")
     _check(bool(config.run_dir), "run_dir", "must not be empty")
     for key, allowed in _CHOICES.items():
-        value = _get(config, key)
-        if value not in allowed:
-            close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.75)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(key, f"{value!r} is not one of {', '.join(allowed)}{hint}")
+        _check_choice(key, _get(config, key), allowed)
     for key, (text, ok) in _BOUNDS.items():
         value = _get(config, key)
         _check(value is None or ok(value), key, f"must be {text}, got {value!r}")
@@ -566,6 +559,13 @@ def _check_values(config: RunConfig) -> None:
     _check(len(config.bpo.candidate_strategies) > 0, "bpo.candidate_strategies", "must list at least one strategy")
     for name in config.bpo.candidate_strategies:
         _check_strategy("bpo.candidate_strategies", name)
+
+
+def _check_choice(key: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.75)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(key, f"{value!r} is not one of {', '.join(allowed)}{hint}")
 
 
 def _check_strategy(key: str, name: str) -> None:
@@ -586,11 +586,6 @@ def _check_contradictions(config: RunConfig) -> None:
     m, t, d = config.model, config.train, config.data
     sources = [k for k in ("path", "gguf", "init") if getattr(m, k) is not None]
     _check(len(sources) == 1, "model", f"set exactly one of model.path, model.gguf, model.init (got {sources or 'none'})")
-    if m.init is not None:
-        try:
-            ModelConfig.from_hf_dict(m.init, source="model.init")
-        except ModelConfigError as e:
-            raise ConfigError("model.init", str(e).removeprefix("model.init: ")) from None
     _check(d.max_prompt_length < d.max_length, "data.max_prompt_length",
            f"must be below data.max_length ({d.max_length}) to leave room for a response, got {d.max_prompt_length}")
     buckets = d.length_buckets
@@ -668,10 +663,6 @@ def _check_files(config: RunConfig) -> None:
     m = config.model
     if m.path is not None:
         _check_model_dir("model.path", m.path)
-        try:
-            ModelConfig.from_file(m.path)
-        except ModelConfigError as e:
-            raise ConfigError("model.path", str(e)) from None
     if m.gguf is not None:
         try:
             gguf = resolve_path(m.gguf)  # a path, or "asset:NAME" from an installed asset package
@@ -706,8 +697,27 @@ def _check_model_dir(key: str, path: str) -> None:
     _check((Path(path) / "config.json").is_file(), key, f"{path}: no config.json (expected a Hugging Face model directory)")
 
 
+def _check_with_heavy_modules(config: RunConfig, check_files: bool) -> None:
+    """The checks that import JAX (through bpo_jax.losses and bpo_jax.models): the loss type and the
+    model's own config. They run last, so that every other config error is reported without JAX."""
+    from bpo_jax.losses import LOSS_TYPES
+    from bpo_jax.models.config import ModelConfig, ModelConfigError
+
+    _check_choice("train.loss_type", config.train.loss_type, LOSS_TYPES)
+    m = config.model
+    try:
+        if m.init is not None:
+            ModelConfig.from_hf_dict(m.init, source="model.init")
+        elif m.path is not None and check_files:
+            ModelConfig.from_file(m.path)
+    except ModelConfigError as e:
+        key = "model.init" if m.init is not None else "model.path"
+        raise ConfigError(key, str(e).removeprefix(f"{key}: ")) from None
+
+
 def validate(config: RunConfig, num_devices: int | None = None, check_files: bool = True) -> None:
-    """Raise ConfigError for the first problem: bad choice or range, contradiction, mesh, files.
+    """Raise ConfigError for the first problem: bad choice or range, contradiction, mesh, files, then
+    the loss type and the model's config (the only checks that load JAX).
 
     num_devices: check the mesh against this many devices (None: only its static shape).
     check_files: require the model directory and input files to exist (relative to the cwd).
@@ -717,6 +727,12 @@ def validate(config: RunConfig, num_devices: int | None = None, check_files: boo
     _check_mesh(config, num_devices)
     if check_files:
         _check_files(config)
+    _check_with_heavy_modules(config, check_files)
+
+
+def validate_devices(config: RunConfig, num_devices: int) -> None:
+    """Raise ConfigError when the mesh does not fit `num_devices` (after `validate` without them)."""
+    _check_mesh(config, num_devices)
 
 
 def load_config(

@@ -94,23 +94,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that describe a problem with the user's config, data, files or disk (not a bug)."""
-    from bpo_jax.checkpointing import CheckpointDamaged
-    from bpo_jax.config import ConfigError
-    from bpo_jax.data.schema import DataError
-    from bpo_jax.models.config import ModelConfigError
-    from bpo_jax.models.gguf import GGUFError
-    from bpo_jax.models.hf import CheckpointError
-    from bpo_jax.provenance import StaleUpstream
-    from bpo_jax.resumable import ResumeError
-    from bpo_jax.rewards import RewardError
-    from bpo_jax.sampling import SamplingConfigError
-    from bpo_jax.sharding import MeshError
-    from bpo_jax.tokenizer import TokenizerError
+# (module, class) of the exceptions that describe a problem with the user's config, data, files or disk.
+USER_ERRORS = (
+    ("bpo_jax.checkpointing", "CheckpointDamaged"), ("bpo_jax.config", "ConfigError"),
+    ("bpo_jax.data.schema", "DataError"), ("bpo_jax.models.config", "ModelConfigError"),
+    ("bpo_jax.models.gguf", "GGUFError"), ("bpo_jax.models.hf", "CheckpointError"),
+    ("bpo_jax.provenance", "StaleUpstream"), ("bpo_jax.resumable", "ResumeError"), ("bpo_jax.rewards", "RewardError"),
+    ("bpo_jax.sampling", "SamplingConfigError"), ("bpo_jax.mesh_shape", "MeshError"),
+    ("bpo_jax.tokenizer", "TokenizerError"),
+)
 
-    return (CheckpointDamaged, ConfigError, DataError, ModelConfigError, GGUFError, CheckpointError, StaleUpstream, ResumeError,
-            RewardError, SamplingConfigError, MeshError, TokenizerError, OSError)
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that describe a problem with the user's config, data, files or disk (not a bug).
+
+    Only from modules already imported: an exception cannot come from a module that was never
+    loaded, and importing them all here would load JAX just to report a config error.
+    """
+    loaded = [getattr(sys.modules.get(module), name, None) for module, name in USER_ERRORS]
+    return (*(cls for cls in loaded if cls is not None), OSError)
 
 
 def describe_error(e: BaseException) -> str:
@@ -129,6 +131,9 @@ def run_command(argv: list[str] | None = None) -> int:
     if args.stage == "tfds":
         return build_tfds(args)
     if args.stage == "study":
+        from bpo_jax.studies.spec import load_study
+
+        load_study(args.config, args.overrides)  # the study file's own errors, before JAX is loaded
         from bpo_jax.compile_cache import enable_compile_cache
         from bpo_jax.studies.runner import run_study
 
@@ -143,7 +148,7 @@ def run_command(argv: list[str] | None = None) -> int:
         write_stats(data, out)  # prints the table
         return 0
 
-    from bpo_jax.config import ConfigError, load_config, validate
+    from bpo_jax.config import ConfigError, load_config, validate_devices
 
     try:
         config = load_config(args.config, args.overrides)
@@ -154,9 +159,9 @@ def run_command(argv: list[str] | None = None) -> int:
             jax.distributed.initialize(
                 coordinator_address=d.coordinator_address, num_processes=d.num_processes, process_id=d.process_id
             )
-        import jax
+        import jax  # only now: load_config reports all but the model's and loss's errors without it
 
-        validate(config, num_devices=jax.device_count())
+        validate_devices(config, num_devices=jax.device_count())
     except ConfigError as e:
         raise (e if e.where else e.located(args.config)) from None
 

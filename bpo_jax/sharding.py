@@ -9,7 +9,6 @@ any mesh. Batches are split over data x fsdp.
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, Sequence
 
@@ -18,7 +17,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from bpo_jax.mesh_shape import MESH_AXES, MeshError, resolve_mesh_shape
+
 BATCH_AXES = ("data", "fsdp")
 
 # (pattern on the "/"-joined parameter path, partition spec of the parameter's dimensions).
@@ -36,31 +36,6 @@ PARTITION_RULES: tuple[tuple[str, tuple], ...] = (
     (r"score/kernel$", ("fsdp", None)),
     (r"(layernorm|norm)/scale$", (None,)),
 )
-
-
-class MeshError(ValueError):
-    """A mesh shape that does not fit the available devices."""
-
-
-def resolve_mesh_shape(shape: dict[str, int] | Sequence[int], num_devices: int) -> tuple[int, int, int]:
-    """Fill in at most one -1 axis so the product equals `num_devices`."""
-    dims = [int(shape.get(a, 1)) for a in MESH_AXES] if isinstance(shape, dict) else [int(s) for s in shape]
-    if len(dims) != len(MESH_AXES):
-        raise MeshError(f"mesh needs {len(MESH_AXES)} sizes for axes {MESH_AXES}, got {dims}")
-    if dims.count(-1) > 1:
-        raise MeshError(f"mesh {dict(zip(MESH_AXES, dims))}: at most one axis may be -1")
-    if any(d == 0 or d < -1 for d in dims):
-        raise MeshError(f"mesh {dict(zip(MESH_AXES, dims))}: sizes must be positive (or -1 for the rest)")
-    known = math.prod(d for d in dims if d != -1)
-    if -1 in dims:
-        if num_devices % known:
-            raise MeshError(f"mesh {dict(zip(MESH_AXES, dims))} does not divide {num_devices} devices")
-        dims[dims.index(-1)] = num_devices // known
-    if math.prod(dims) != num_devices:
-        raise MeshError(
-            f"mesh {dict(zip(MESH_AXES, dims))} needs {math.prod(dims)} devices, but {num_devices} are available"
-        )
-    return tuple(dims)  # type: ignore[return-value]
 
 
 def make_mesh(shape: dict[str, int] | Sequence[int] = (-1, 1, 1), devices: Sequence[Any] | None = None) -> Mesh:

@@ -93,3 +93,62 @@ def test_zero_size_model_init_is_a_config_error(tmp_path, capsys, monkeypatch):
     assert cli.main([*DEMO, "--set", f"run_dir={tmp_path}", "--set", "model.init.intermediate_size=0"]) == 2
     assert capsys.readouterr().err == (
         "error: configs/demo.yaml:14: model.init: field 'intermediate_size' is 0; it must be positive\n")
+
+
+ROOT = cli.Path(__file__).resolve().parents[1]
+# Runs `python -m bpo_jax.main ARGS` as a user would (including its one re-execution on CPU hosts),
+# then reports which heavy libraries the process had imported when it ended.
+IMPORTS_AT_EXIT = """
+import runpy, sys
+sys.argv = ["bpo_jax.main", *sys.argv[1:]]
+try:
+    runpy.run_module("bpo_jax.main", run_name="__main__", alter_sys=True)
+except SystemExit as e:
+    sys.stderr.write(f"exit {e.code}\\n")
+sys.stderr.write("heavy: " + " ".join(m for m in ("jax", "flax", "optax", "orbax") if m in sys.modules) + "\\n")
+"""
+
+
+def cli_run(args: list[str]) -> tuple[str, str, str]:
+    """(the error line, the exit line, the heavy modules imported) of one CLI run in a fresh process."""
+    done = subprocess.run([sys.executable, "-c", IMPORTS_AT_EXIT, *args], capture_output=True, text=True, cwd=ROOT)
+    *error, exit_line, heavy = done.stderr.splitlines()
+    return "\n".join(error), exit_line, heavy.removeprefix("heavy:").strip()
+
+
+DEMO_TEXT = (ROOT / "configs" / "demo.yaml").read_text()
+
+
+@pytest.mark.parametrize("old, new, key", [
+    ("seed: 0", "sede: 0", "sede: unknown key; did you mean seed?"),
+    ("seed: 0", "seed: abc", "seed: expected int, got str 'abc'"),
+    ("prompts: bpo_jax/assets/demo_sort/prompts.jsonl", "prompts: no/such.jsonl", "data.prompts: file not found"),
+    ("max_length: 32", "max_length: -5", "data.max_length: must be > 0, got -5"),
+])
+def test_config_errors_are_reported_without_importing_jax(tmp_path, old, new, key):
+    config = tmp_path / "bad.yaml"
+    config.write_text(DEMO_TEXT.replace(old, new, 1))
+    line = DEMO_TEXT[: DEMO_TEXT.index(old)].count("\n") + 1
+    error, exit_line, heavy = cli_run(["--config", str(config)])
+    assert error.startswith(f"error: {config}:{line}: {key}") and "\n" not in error, error
+    assert (exit_line, heavy) == ("exit 2", "")
+
+
+@pytest.mark.parametrize("command, text, expected", [
+    ([], "run_dir: x\nmodel: {path: x\n  bad: [\n", "{f}:3: invalid YAML"),
+    ([], None, "{f}: cannot read config file"),
+    (["study"], "name: [\n", "{f}: invalid YAML"),
+])
+def test_unreadable_configs_are_reported_without_importing_jax(tmp_path, command, text, expected):
+    config = tmp_path / "bad.yaml"
+    if text is not None:
+        config.write_text(text)
+    error, exit_line, heavy = cli_run([*command, "--config", str(config)])
+    assert error.startswith("error: " + expected.format(f=config)) and (exit_line, heavy) == ("exit 2", ""), error
+
+
+def test_mesh_against_devices_is_checked_with_jax_after_the_cheap_checks():
+    """The control for the tests above: the device count needs JAX, and the probe sees it loaded."""
+    error, exit_line, heavy = cli_run(["--config", "configs/demo.yaml", "--set", "mesh.data=3"])
+    assert error.startswith("error: configs/demo.yaml") and "mesh" in error and exit_line == "exit 2"
+    assert heavy.split()[:2] == ["jax", "flax"]

@@ -1,47 +1,32 @@
 """Preference data: schema, readers (JSONL, Parquet, TFDS), tokenization, DPO batching, statistics.
 
-The TFDS names are imported lazily: `tensorflow_datasets` is only loaded when they are used.
+Every name is imported on first use (as in `bpo_jax`), so that reading a config (which needs the
+schema and the readers) does not load JAX through the batching module; `tensorflow_datasets` is only
+loaded when the TFDS names are used.
 """
 
-from bpo_jax.data.batching import (
-    PreferenceBatcher,
-    collate_pairs,
-    length_buckets,
-    pad_and_stack,
-    pick_bucket,
-    to_global_batch,
-)
-from bpo_jax.data.readers import ReadReport, iter_records, read_records, write_records
-from bpo_jax.data.schema import (
-    DataError,
-    PreferencePair,
-    PromptRecord,
-    ScoredGroup,
-    derive_id,
-    parse_record,
-    prompt_key,
-    split_implicit_prompt,
-)
-from bpo_jax.data.stats import dataset_stats, format_stats, write_stats
-from bpo_jax.data.tokenize import (
-    RaggedTokens,
-    TokenizedPairs,
-    TokenizeReport,
-    encode_prompts,
-    render_prompt,
-    response_text,
-    tokenize_pairs,
-)
+import importlib
+from typing import Any
 
-_TFDS_NAMES = ("BpoPreferences", "BpoPreferencesConfig", "build_tfds_dataset", "read_tfds")
+_EXPORTS = {
+    "bpo_jax.data.batching": ("PreferenceBatcher", "collate_pairs", "length_buckets", "pad_and_stack", "pick_bucket",
+                              "to_global_batch"),
+    "bpo_jax.data.readers": ("ReadReport", "iter_records", "read_records", "write_records"),
+    "bpo_jax.data.schema": ("DataError", "PreferencePair", "PromptRecord", "ScoredGroup", "derive_id", "parse_record",
+                            "prompt_key", "split_implicit_prompt"),
+    "bpo_jax.data.stats": ("dataset_stats", "format_stats", "write_stats"),
+    "bpo_jax.data.tokenize": ("RaggedTokens", "TokenizedPairs", "TokenizeReport", "encode_prompts", "render_prompt",
+                              "response_text", "tokenize_pairs"),
+    "bpo_jax.data.tfds_builder": ("BpoPreferences", "BpoPreferencesConfig", "build_tfds_dataset", "read_tfds"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+_TFDS_NAMES = _EXPORTS["bpo_jax.data.tfds_builder"]
 
 
-def __getattr__(name: str):
-    if name in _TFDS_NAMES:
-        from bpo_jax.data import tfds_builder
-
-        return getattr(tfds_builder, name)
-    raise AttributeError(f"module 'bpo_jax.data' has no attribute {name!r}")
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'bpo_jax.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(_MODULE_OF[name]), name)
 
 
 __all__ = [

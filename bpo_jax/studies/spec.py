@@ -40,7 +40,6 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from bpo_jax.config import ConfigError
-from bpo_jax.stacking import MODES
 
 DEFAULT_SEED_KEYS = ("train.seed", "pairs.seed", "bpo.seed")
 _TOP_KEYS = {"name", "description", "base", "set", "run_dir", "shared_dir", "grid", "arms", "seeds", "seed_keys",
@@ -241,6 +240,8 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
     for key, value in (("bootstrap", bootstrap), ("max_arms_per_program", max_arms)):
         if not isinstance(value, int) or value < 1:
             raise _fail(path, key, f"must be a positive integer, got {value!r}")
+    from bpo_jax.stacking import MODES  # imports JAX: only after every check that does not need it
+
     arms_mode = raw.get("arms_mode", "auto")
     if arms_mode not in MODES:
         raise _fail(path, "arms_mode", f"must be one of {', '.join(MODES)}, got {arms_mode!r}")
