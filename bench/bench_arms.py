@@ -33,6 +33,7 @@ TITLE = "Study arms: stacked (vmap / loop over arms in one program) vs one after
 MODEL = ModelConfig(vocab_size=15, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=16, max_position_embeddings=64, eos_token_id=2)
 ARMS = {"cpu": 16, "gpu": 64}
+SIZES = tuple(ARMS)  # the studies' tiny model: no smollm2 variant
 STEPS_PER_BLOCK = 5
 MODES = ("vmap", "map")
 

@@ -1,6 +1,6 @@
 """DPO training throughput: bpo_jax's train step vs TRL's DPOTrainer, full fine-tuning and LoRA.
 
-    python -m bench.bench_dpo [--size cpu|gpu]
+    python -m bench.bench_dpo [--size cpu|smollm2|gpu]
 
 Equal settings on both sides: one Llama-family config, float32, the same initial weights (bpo_jax
 builds the model and exports it with `save_hf_model`; TRL loads that directory), the same token
@@ -9,9 +9,12 @@ the same batch size, sigmoid DPO with beta 0.1, AdamW at a constant learning rat
 clipping at 1.0, no activation checkpointing, a reference forward every step (full fine-tuning:
 a frozen copy of the initial weights, bpo_jax `frozen_copy` vs TRL's reference model; LoRA:
 the model with adapters off, bpo_jax `lora_off` vs TRL/PEFT's disabled adapters). Tokens/s
-counts every token of chosen and rejected sequences. TRL runs under glibc malloc and, when
-found, jemalloc; the ratio is taken against its faster setting. Peak memory is the process's
-peak RSS over the timed steps (framework runtime included).
+counts every token of chosen and rejected sequences. bpo_jax runs with the malloc settings its
+command line uses (bpo_jax.host_memory); TRL runs under glibc malloc, jemalloc when found, and
+glibc with bpo_jax's settings; the ratio is taken against its fastest setting. Peak memory is the
+process's peak RSS over the timed steps (framework runtime included). Per mode, two more rows:
+time to the first step (compilation on our side), and model-FLOP utilization (bench/flops.py,
+reference forward included) against the matmul peak bench_mfu measures on the same machine.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import (
+    SMOLLM2,
     against_peer_variants,
     bench_main,
     is_serve_call,
@@ -33,6 +37,7 @@ from bench.common import (
     rss_mib,
     serve,
 )
+from bench.flops import dpo_step_flops, matmul_params
 
 TITLE = "DPO training step vs TRL DPOTrainer"
 TARGET = 1.5
@@ -49,6 +54,9 @@ SETTINGS = {
     "gpu": {"model": {"vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8,
                       "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 64},
             "batch_size": 16, "prompt_len": 256, "response_len": 256, "steps": 5, "repeats": 5, "warmup": 3},
+    # SmolLM2-135M's shape on CPU: seconds per step, so one step per block and one warm-up step.
+    "smollm2": {"model": SMOLLM2, "batch_size": 2, "prompt_len": 64, "response_len": 192, "steps": 1, "repeats": 5,
+                "warmup": 1},
 }
 
 
@@ -56,7 +64,7 @@ def model_config(spec: dict, **run_options):
     """The benchmark's Llama config (bpo_jax.models.config.ModelConfig)."""
     from bpo_jax.models.config import ModelConfig
 
-    return ModelConfig(**spec, rope_theta=10000.0, max_position_embeddings=4096, bos_token_id=BOS_ID,
+    return ModelConfig(**{"rope_theta": 10000.0, **spec}, max_position_embeddings=4096, bos_token_id=BOS_ID,
                        eos_token_id=EOS_ID, pad_token_id=PAD_ID, **run_options)
 
 
@@ -157,8 +165,9 @@ def tokens_per_second(blocks: list[dict], tokens_per_step: int) -> float:
     return median([tokens_per_step * len(b["seconds"]) / sum(b["seconds"]) for b in blocks])
 
 
-def compare_mode(size: str, lora: bool) -> list[dict]:
-    """Both sides set up, then timed in alternation; rows for tokens/s and peak memory."""
+def compare_mode(size: str, lora: bool, peak: dict) -> list[dict]:
+    """Both sides set up, then timed in alternation; rows for tokens/s, peak memory, time to the first
+    step and model-FLOP utilization against `peak` (bench_mfu.measured_peak)."""
     s = SETTINGS[size]
     mode = "LoRA r16" if lora else "full fine-tuning"
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
@@ -190,16 +199,39 @@ def compare_mode(size: str, lora: bool) -> list[dict]:
             f"{peer_info['torch_threads']} torch threads, optimizer {peer_info['optimizer']}); all peer settings: "
             f"{all_rates}; {s['repeats']} interleaved blocks of {s['steps']} steps, median.")
     command = f"python -m bench.bench_dpo --size {size}"
+    first = {name: setup[name]["warmup_s"][0] for name in rates}
+    seq = s["prompt_len"] + s["response_len"]
+    step_flops = dpo_step_flops(model_config(cfg), tokens, seq,
+                                lora_params=setup["bpo_jax"]["trainable_params"] if lora else 0)
+    achieved = {name: rates[name] / tokens * step_flops for name in rates}
+    mfu_note = (f"model FLOPs per step {step_flops / 1e9:,.1f} GFLOP ({tokens} tokens; bench/flops.py: "
+                + ("LoRA: policy forward 2N+A, backward through activations 2N+2A, adapters 6 x "
+                   f"{setup['bpo_jax']['trainable_params']:,}" if lora else "full: policy forward + backward 6N+3A")
+                + f", reference forward 2N+A; N = {matmul_params(model_config(cfg)):,} matmul weights incl. the LM "
+                f"head, A = causal attention); peer column = measured {peak['device_kind']} matmul peak "
+                f"({peak['what']}); ratio = MFU; {best} reaches {achieved[best] / 1e9:,.1f} GFLOP/s = "
+                f"{achieved[best] / peak['flops_per_s']:.0%} of peak.")
+    first_note = (f"seconds of the first train step after setup (bpo_jax: tracing + XLA compilation + the step; "
+                  f"TRL: its first optimizer step inside trainer.train()); steady step {tokens / rates['bpo_jax']:.2f} s "
+                  f"vs {tokens / rates[best]:.2f} s; all peer settings: "
+                  + "; ".join(f"{name}: {first[name]:.1f} s" for name in peers) + ".")
     return [
         make_row(f"DPO step, {mode}: throughput", rates["bpo_jax"], rates[best], "tokens/s", command,
                  note=note, target=TARGET),
         make_row(f"DPO step, {mode}: peak RSS", peaks["bpo_jax"], peaks[best], "MiB (lower is better)", command,
                  lower_is_better=True),
+        make_row(f"DPO step, {mode}: time to first step", first["bpo_jax"], first[best], "s (lower is better)",
+                 command, lower_is_better=True, note=first_note),
+        make_row(f"DPO step, {mode}: MFU, reference forward included", achieved["bpo_jax"] / 1e9,
+                 peak["flops_per_s"] / 1e9, "GFLOP/s (peer column: measured peak)", command, note=mfu_note),
     ]
 
 
 def run(size: str) -> list[dict]:
-    return compare_mode(size, lora=False) + compare_mode(size, lora=True)
+    from bench.bench_mfu import measured_peak  # bench_mfu builds on this module
+
+    peak = measured_peak(size, "float32")  # the dtype both sides train in
+    return compare_mode(size, lora=False, peak=peak) + compare_mode(size, lora=True, peak=peak)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
 """BPO gradient features: vmap(grad) micro-batches vs a per-pair loop, and their cost vs one DPO epoch.
 
-    python -m bench.bench_gradients [--size cpu|gpu]
+    python -m bench.bench_gradients [--size cpu|smollm2|gpu]
 
-Four rows, all measured in alternating repetitions (ABBA order, median of each):
+Rows, all measured in alternating repetitions (ABBA order, median of each):
   0. features (the GradientFeaturizer) vs LESS's recipe in PyTorch + PEFT (bench/peer_less.py,
-     in its own process): a forward and backward pass per pair, the LoRA gradients flattened,
-     projected 16 at a time by a dense random matrix, L2-normalized. Same base weights (exported
-     with save_hf_model), adapter values, pairs and reference log-probs; the peer's gradient of
-     pair 0 before projection is checked against jax.grad of bpo_jax.gradients.pair_loss. Not run
-     where the dense matrix would exceed PEER_PROJECTION_LIMIT bytes.
+     in its own process, one per allocator setting of bench.common.peer_variants, the best one
+     taken): a forward and backward pass per pair, the LoRA gradients flattened, projected 16 at a
+     time by a dense random matrix to the same proj_dim, L2-normalized. Same base weights
+     (exported with save_hf_model), adapter values, pairs and reference log-probs; the peer's
+     gradient of pair 0 before projection is checked against jax.grad of
+     bpo_jax.gradients.pair_loss. Not run where the dense matrix would exceed
+     PEER_PROJECTION_LIMIT bytes.
+  0b. per-pair gradients of every pair without projection: vmap(grad) over micro-batches vs the
+     same peer pass with its projection time taken out.
 Rows 1-3 run in this process:
   1. features (the pipeline's GradientFeaturizer: vmap(grad) micro-batches, all rows projected
      together) vs the same features one pair at a time (a jitted grad + chunked projection per
@@ -34,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bench.common import Worker, bench_main, interleave, make_row, median, peer_python
+from bench.common import SMOLLM2, Worker, bench_main, interleave, make_row, median, peer_python, peer_variants
 from bpo_jax.config import LoraSection, OptimSection, TrainSection
 from bpo_jax.data.batching import PreferenceBatcher
 from bpo_jax.data.tokenize import RaggedTokens, TokenizedPairs
@@ -78,6 +82,12 @@ SETTINGS = {
                    num_attention_heads=16, num_key_value_heads=8, head_dim=64),
         lora_rank=16, pairs=1024, prompt_len=128, response_len=384, micro_batch=16, loop_pairs=64,
         proj_dim=8192, train_batch=32, repeats=5,
+    ),
+    # SmolLM2-135M's shape: 2,442,240 LoRA r8 parameters. proj_dim 256 keeps the peer's dense
+    # [params, proj_dim] float32 matrix at 2.3 GiB (8192 would be 75 GiB; see PEER_PROJECTION_LIMIT).
+    "smollm2": dict(
+        model=SMOLLM2, lora_rank=8, pairs=32, prompt_len=64, response_len=128, micro_batch=8, loop_pairs=4,
+        proj_dim=256, train_batch=8, repeats=3,
     ),
 }
 
@@ -131,7 +141,7 @@ class Bench:
         self.train_batches = list(PreferenceBatcher(self.data, s["train_batch"], shuffle=False, buckets=length).epoch_batches())
         self.trainer = DPOTrainer(build_model(s), train, mesh, total_steps=10**6)  # its own copy: the step donates it
         self.state = self.trainer.init_state()
-        for block in (self.features, self.loop_features, self.vmap_grads, self.loop_grads, self.dpo_epoch):
+        for block in (self.features, self.loop_features, self.vmap_grads, self.all_grads, self.loop_grads, self.dpo_epoch):
             block()  # compile and warm up
         self.check_loop_equals_vmap()
 
@@ -172,6 +182,15 @@ class Bench:
         start = time.perf_counter()
         jax.block_until_ready(self.batch_grads(self.trainable, self.frozen, self.micro))
         return {"seconds": time.perf_counter() - start, "pairs": self.s["micro_batch"]}
+
+    def all_grads(self) -> dict:
+        """Per-pair gradients of every pair, no projection: vmap(grad) over micro-batches."""
+        start, pairs, mb = time.perf_counter(), 0, self.s["micro_batch"]
+        for batch in self.feature_batches:
+            for i in range(0, len(batch["valid"]), mb):
+                jax.block_until_ready(self.batch_grads(self.trainable, self.frozen, {k: v[i:i + mb] for k, v in batch.items()}))
+            pairs += int(np.sum(np.asarray(batch["valid"]) > 0))
+        return {"seconds": time.perf_counter() - start, "pairs": pairs}
 
     def loop_grads(self) -> dict:
         start = time.perf_counter()
@@ -217,44 +236,52 @@ def save_pairs(batches: list[dict], path: Path) -> None:
                       for f in SEQUENCE_FIELDS + REFERENCE_FIELDS})
 
 
-def start_less_peer(bench: Bench, directory: Path, stack: ExitStack) -> tuple[Worker, dict]:
-    """The peer worker, set up on the benchmark's model and pairs, its pair-0 gradient checked.
+def start_less_peers(bench: Bench, directory: Path, stack: ExitStack) -> tuple[dict[str, Worker], dict]:
+    """One peer worker per allocator setting (bench.common.peer_variants), set up on the benchmark's
+    model and pairs; the first one's pair-0 gradient is checked against jax.grad.
 
-    Returns the worker and its setup info plus `grad_rel_diff`, |g_torch - g_jax| / |g_jax|.
+    Returns the workers by name and the first one's setup info plus `grad_rel_diff`,
+    |g_torch - g_jax| / |g_jax|.
     """
     s = bench.s
     save_hf_model(base_model(s), directory / "model")
     save_peft_adapters(bench.trainable, directory / "adapters.npz")
     save_pairs(bench.feature_batches, directory / "pairs.npz")
     lora = LoraSection(rank=s["lora_rank"])
-    peer = stack.enter_context(Worker("PyTorch LESS loop", peer_python(), "bench.peer_less", PEER_ENV))
-    info = peer.call("setup", model_dir=str(directory / "model"), adapters_path=str(directory / "adapters.npz"),
-                     pairs_path=str(directory / "pairs.npz"), rank=lora.rank, alpha=lora.alpha,
-                     targets=list(lora.targets), beta=bench.settings.beta, proj_dim=s["proj_dim"],
-                     project_every=LESS_PROJECT_EVERY, threads=PEER_THREADS, seed=bench.settings.seed)
+    peers, info = {}, None
+    for variant, env in peer_variants().items():
+        name = f"less_loop ({variant})"
+        peers[name] = stack.enter_context(Worker(name, peer_python(), "bench.peer_less", {**PEER_ENV, **env}))
+        setup = peers[name].call(
+            "setup", model_dir=str(directory / "model"), adapters_path=str(directory / "adapters.npz"),
+            pairs_path=str(directory / "pairs.npz"), rank=lora.rank, alpha=lora.alpha, targets=list(lora.targets),
+            beta=bench.settings.beta, proj_dim=s["proj_dim"], project_every=LESS_PROJECT_EVERY,
+            threads=PEER_THREADS, seed=bench.settings.seed)
+        info = info or setup
     ours = bench.pair_gradient(0)
-    theirs = np.asarray(peer.call("gradient", pair=0)["gradient"], np.float32)
+    theirs = np.asarray(next(iter(peers.values())).call("gradient", pair=0)["gradient"], np.float32)
     rel = float(np.linalg.norm(theirs - ours) / np.linalg.norm(ours))
     if not rel < PEER_GRAD_RTOL:
         raise AssertionError(f"PyTorch pair-0 gradient differs from jax.grad(pair_loss) by {rel:.2e} (relative)")
-    return peer, {**info, "grad_rel_diff": rel}
+    return peers, {**info, "grad_rel_diff": rel}
 
 
-def rate(blocks: list[dict]) -> float:
-    return median([b["pairs"] / b["seconds"] for b in blocks])
+def rate(blocks: list[dict], seconds: str = "seconds") -> float:
+    return median([b["pairs"] / b[seconds] for b in blocks])
 
 
 def run(size: str) -> list[dict]:
     s = SETTINGS[size]
     bench = Bench(s)
     sides = {name: getattr(bench, name)
-             for name in ("features", "loop_features", "vmap_grads", "loop_grads", "dpo_epoch")}
+             for name in ("features", "loop_features", "vmap_grads", "all_grads", "loop_grads", "dpo_epoch")}
     dense_bytes = 4 * bench.featurizer.num_params * s["proj_dim"]
     with tempfile.TemporaryDirectory(prefix="bench-gradients-") as tmp, ExitStack() as stack:
-        peer = None
+        peers = {}
         if dense_bytes <= PEER_PROJECTION_LIMIT:
-            peer, peer_info = start_less_peer(bench, Path(tmp), stack)
-            sides = {"features": sides.pop("features"), "less_loop": lambda: peer.call("measure"), **sides}
+            peers, peer_info = start_less_peers(bench, Path(tmp), stack)
+            sides = {"features": sides.pop("features"),
+                     **{name: (lambda w=w: w.call("measure")) for name, w in peers.items()}, **sides}
         timed = interleave(sides, s["repeats"])
     command = f"python -m bench.bench_gradients --size {size}"
     f = bench.featurizer
@@ -264,21 +291,32 @@ def run(size: str) -> list[dict]:
              f"micro-batch {s['micro_batch']}; {jax.devices()[0].device_kind}; {s['repeats']} interleaved repetitions, median")
     feature_s = median([b["seconds"] for b in timed["features"]])
     epoch_s = median([b["seconds"] for b in timed["dpo_epoch"]])
-    if peer is None:
-        less_rate = float("nan")
+    if not peers:
+        less_rate = less_grad_rate = float("nan")
         less_note = f"not run: the peer's dense projection would take {dense_bytes / 2**30:.0f} GiB; {shape}."
+        grad_note = less_note
     else:
-        less_rate = rate(timed["less_loop"])
+        with_projection = {name: rate(timed[name]) for name in peers}
+        gradients_only = {name: rate(timed[name], "gradient_seconds") for name in peers}
+        less_rate, less_grad_rate = max(with_projection.values()), max(gradients_only.values())
         less_note = (
             f"{shape}; peer: torch {peer_info['torch']} + peft {peer_info['peft']} on CPU, "
             f"{peer_info['torch_threads']} threads, OMP_WAIT_POLICY=PASSIVE, {peer_info['trainable_params']:,} LoRA "
-            f"params; one forward+backward per pair, gradients projected {LESS_PROJECT_EVERY} at a time by a dense "
-            f"Rademacher matrix made at setup, all {s['pairs']} pairs per block; pair-0 gradient before projection "
-            f"matches jax.grad(pair_loss) to {peer_info['grad_rel_diff']:.1e} relative "
-            f"(asserted < {PEER_GRAD_RTOL:g}).")
+            f"params; one forward+backward per pair, gradients projected {LESS_PROJECT_EVERY} at a time to the same "
+            f"proj_dim {s['proj_dim']} by a dense Rademacher matrix made at setup ({dense_bytes / 2**30:.1f} GiB; LESS "
+            f"uses 8192, which at this size needs {4 * f.num_params * 8192 / 2**30:.0f} GiB dense), all {s['pairs']} "
+            f"pairs per block; pair-0 gradient before projection matches jax.grad(pair_loss) to "
+            f"{peer_info['grad_rel_diff']:.1e} relative (asserted < {PEER_GRAD_RTOL:g}); peer at its best allocator "
+            "setting: " + "; ".join(f"{name}: {v:.3g} pairs/s" for name, v in with_projection.items()) + ".")
+        grad_note = (f"{shape}; bpo_jax: jax.vmap(jax.grad(pair_loss)) over micro-batches of every pair, gradients "
+                     "left unprojected; peer: the same LESS-style pass, its projection time excluded (timed apart in "
+                     "the same pass); peer settings: "
+                     + "; ".join(f"{name}: {v:.3g} pairs/s" for name, v in gradients_only.items()) + ".")
     return [
-        make_row("gradient features: featurizer vs PyTorch per-pair loop (LESS-style)", rate(timed["features"]),
-                 less_rate, "pairs/s", command, note=less_note),
+        make_row("gradient features: featurizer vs PyTorch per-pair loop (LESS-style), equal proj_dim",
+                 rate(timed["features"]), less_rate, "pairs/s", command, note=less_note, target=TARGET),
+        make_row("per-pair gradients, no projection: vmap(grad) vs PyTorch per-pair loop", rate(timed["all_grads"]),
+                 less_grad_rate, "pairs/s", command, note=grad_note),
         make_row("gradient features: featurizer vs per-pair loop", rate(timed["features"]), rate(timed["loop_features"]),
                  "pairs/s", command, target=TARGET,
                  note=f"{shape}; loop over the first {s['loop_pairs']} pairs (features checked equal, atol 1e-4)."),

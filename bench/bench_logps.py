@@ -1,6 +1,6 @@
 """Vocabulary-chunked log-probs: memory and time of a compiled DPO train step, chunking on vs off.
 
-    python -m bench.bench_logps [--size cpu|gpu]
+    python -m bench.bench_logps [--size cpu|smollm2|gpu]
 
 One LoRA DPO train step (bpo_jax.train.DPOTrainer: sigmoid loss, reference log-probs
 precomputed, float32, one device) compiled twice per vocabulary size: with train.vocab_chunk =
@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from bench.bench_dpo import collate, make_data
-from bench.common import bench_main, interleave, make_row, median
+from bench.common import SMOLLM2, bench_main, interleave, make_row, median
 from bpo_jax.config import LoraSection, OptimSection, TrainSection
 from bpo_jax.models.config import ModelConfig
 from bpo_jax.models.llama import init_model
@@ -39,6 +39,9 @@ SETTINGS = {
     "gpu": dict(vocabs=(32768, 131072), lora_rank=16, batch_size=8, prompt_len=256, response_len=768, repeats=5,
                 model=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
                            num_key_value_heads=8, head_dim=64)),
+    # SmolLM2-135M's shape and vocabulary, the DPO bench's batch.
+    "smollm2": dict(vocabs=(SMOLLM2["vocab_size"],), lora_rank=16, batch_size=2, prompt_len=64, response_len=192,
+                    repeats=3, model={k: v for k, v in SMOLLM2.items() if k != "vocab_size"}),
 }
 
 

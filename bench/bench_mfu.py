@@ -1,11 +1,10 @@
 """Model FLOPs utilization of the DPO train step, against the device's measured matmul peak.
 
-    python -m bench.bench_mfu [--size cpu|gpu]
+    python -m bench.bench_mfu [--size cpu|smollm2|gpu]
 
-Model FLOPs per token come from the config (`ModelConfig.flops_per_token`: 6 N for the matmul
-parameters, LM head included, plus the causal attention term). The step runs with precomputed
-reference log-probs, so it does exactly one forward and one backward of the policy and its
-model FLOPs are tokens x flops_per_token. The peak is what a plain `jnp.matmul` of two square
+Model FLOPs come from the architecture (bench/flops.py: 6 N for the matmul weights, LM head
+included, plus the causal attention term). The step runs with precomputed reference log-probs, so
+it does exactly one forward and one backward of the policy. The peak is what a plain `jnp.matmul` of two square
 matrices reaches on the same device, in the same process, timed in alternation with the step.
 The row reads: ours = achieved FLOP/s, peer = measured peak, ratio = MFU.
 """
@@ -19,12 +18,15 @@ import time
 from pathlib import Path
 
 from bench.bench_dpo import OPTIM, SETTINGS, OursWorker, make_data, model_config
-from bench.common import Worker, bench_main, interleave, is_serve_call, make_row, median, serve
+from bench.common import Worker, bench_main, interleave, is_serve_call, make_row, median, ours_environment, serve
+from bench.flops import dpo_step_flops
 
 TITLE = "Model FLOPs utilization (MFU)"
 # Matmul size and dtype for the peak, and the step's compute dtype, per size.
-PEAK = {"cpu": {"n": 2048, "dtype": "float32", "repeats": 3}, "gpu": {"n": 8192, "dtype": "bfloat16", "repeats": 20}}
-STEP_DTYPE = {"cpu": "float32", "gpu": "bfloat16"}
+PEAK = {"cpu": {"n": 2048, "dtype": "float32", "repeats": 3}, "smollm2": {"n": 2048, "dtype": "float32", "repeats": 3},
+        "gpu": {"n": 8192, "dtype": "bfloat16", "repeats": 20}}
+STEP_DTYPE = {"cpu": "float32", "smollm2": "float32", "gpu": "bfloat16"}
+PEAK_BLOCKS = 5  # timed blocks of the peak alone (measured_peak)
 
 
 class MfuWorker(OursWorker):
@@ -49,6 +51,17 @@ class MfuWorker(OursWorker):
         return {"flops_per_s": 2 * self.n**3 * self.repeats / seconds}
 
 
+def measured_peak(size: str, dtype: str) -> dict:
+    """The device's matmul peak in `dtype`, measured alone in a fresh worker (median of PEAK_BLOCKS
+    blocks): flops_per_s, device_kind, and `what` was multiplied."""
+    peak = {**PEAK[size], "dtype": dtype}
+    with Worker("bpo_jax peak", sys.executable, "bench.bench_mfu", ours_environment()) as w:
+        device = w.call("peak_setup", **peak)
+        flops = median([w.call("peak_measure")["flops_per_s"] for _ in range(PEAK_BLOCKS)])
+    return {"flops_per_s": flops, "device_kind": device["device_kind"],
+            "what": f"{peak['n']}x{peak['n']} {peak['dtype']} jnp.matmul, median of {PEAK_BLOCKS}"}
+
+
 def run(size: str) -> list[dict]:
     s, peak = SETTINGS[size], PEAK[size]
     seq = s["prompt_len"] + s["response_len"]
@@ -56,7 +69,7 @@ def run(size: str) -> list[dict]:
         data_path = Path(tmp) / "data.json"
         data_path.write_text(json.dumps(
             make_data(s["batch_size"] * 4, s["prompt_len"], s["response_len"], s["model"]["vocab_size"])))
-        with Worker("bpo_jax", sys.executable, "bench.bench_mfu") as w:
+        with Worker("bpo_jax", sys.executable, "bench.bench_mfu", ours_environment()) as w:
             setup = w.call("dpo_setup", model=s["model"], export_dir="", data_path=str(data_path),
                            batch_size=s["batch_size"], warmup_steps=s["warmup"], reference="precomputed",
                            dtype=STEP_DTYPE[size], **OPTIM)
@@ -64,8 +77,8 @@ def run(size: str) -> list[dict]:
             blocks = interleave({"step": lambda: w.call("dpo_measure", steps=s["steps"]),
                                  "peak": lambda: w.call("peak_measure")}, s["repeats"])
     config = model_config(s["model"])
-    flops_per_token = config.flops_per_token(seq)
     tokens = setup["tokens_per_step"]
+    flops_per_token = dpo_step_flops(config, tokens, seq, reference_forward=False) / tokens
     achieved = median([tokens * len(b["seconds"]) / sum(b["seconds"]) for b in blocks["step"]]) * flops_per_token
     peak_flops = median([b["flops_per_s"] for b in blocks["peak"]])
     note = (f"{device['device_kind']} ({device['device']}); model {config.num_params():,} params, "

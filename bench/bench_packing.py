@@ -49,6 +49,7 @@ CONFIGS = {
                 model=dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                            num_attention_heads=16, num_key_value_heads=4, head_dim=64), repeats=5),
 }
+SIZES = tuple(CONFIGS)  # no smollm2 variant: packing's gain is the padding share, not the model shape
 
 
 def synthetic_pairs(n: int, max_length: int, scale: float = 1.0, seed: int = 0) -> TokenizedPairs:

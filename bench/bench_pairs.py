@@ -20,6 +20,7 @@ from bpo_jax.pairs import DEFAULT_STRATEGY, STRATEGIES, select_pair, select_pair
 
 TITLE = "Sweet-spot pair construction: select_pairs vs per-prompt loop"
 TARGET_SPEEDUP = 50.0
+SIZES = ("cpu", "gpu")  # one host workload, independent of the model shape: not repeated at smollm2
 TARGET_SECONDS = 3.0  # for 1,000,000 prompts x 32 responses
 HEADER = ("| benchmark | size | select_pairs | vectorized rate | per-prompt loop rate | speedup |\n"
           "|---|---|---|---|---|---|")

@@ -1,14 +1,15 @@
 """Sampling throughput: bpo_jax.sampling.generate vs transformers' generate, same model and settings.
 
-    python -m bench.bench_sampling [--size cpu|gpu]
+    python -m bench.bench_sampling [--size cpu|smollm2|gpu]
 
 Both sides load the same weights (bpo_jax exports them with `save_hf_model`), take the same
 prompt ids (no padding), draw n samples per prompt with the same temperature / top-k / top-p,
 and generate exactly max_new_tokens per row (the exported config has no EOS, so no row stops
 early on either side). Throughput is generated tokens per second of one whole call (prefill
 included, compilation excluded by a warm-up call); transformers runs with its default (dynamic)
-KV cache under torch.inference_mode, under glibc malloc and, when found, jemalloc (the ratio is
-taken against its faster setting).
+KV cache under torch.inference_mode, under glibc malloc, jemalloc when found, and glibc with
+bpo_jax's malloc settings (the ratio is taken against its fastest setting); bpo_jax runs with the
+malloc settings its command line uses.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 
 from bench.bench_dpo import model_config
 from bench.common import (
+    SMOLLM2,
     against_peer_variants,
     bench_main,
     is_serve_call,
@@ -42,6 +44,7 @@ SETTINGS = {
     "gpu": {"model": {"vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8,
                       "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 64},
             "prompts": 32, "prompt_len": 128, "n": 8, "max_new_tokens": 256, "repeats": 5},
+    "smollm2": {"model": SMOLLM2, "prompts": 4, "prompt_len": 32, "n": 4, "max_new_tokens": 128, "repeats": 3},
 }
 SAMPLING = {"temperature": 1.0, "top_k": 50, "top_p": 0.95}
 

@@ -26,13 +26,22 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
-SIZES = ("cpu", "gpu")  # cpu: fits the 2-core CI machine; gpu: a GPU/TPU host
+# cpu: a toy that fits the 2-core CI machine; smollm2: the shape of the model this project ships
+# (SmolLM2-135M), on CPU; gpu: a GPU/TPU host.
+SIZES = ("cpu", "smollm2", "gpu")
+# SmolLM2-135M's architecture (its config.json), random weights: a bench model spec (bench_dpo.model_config).
+SMOLLM2 = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+           "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "tie_word_embeddings": True,
+           "rope_theta": 100000.0}
 
 PEER_VENV = REPO / "bench" / ".peer-venv"
 PEER_PYTHON_ENV = "BPO_BENCH_PEER_PYTHON"  # use this interpreter for the peer instead of creating a venv
 # Installed in that order: the CPU torch wheel first, so the others do not pull a CUDA build.
 PEER_REQUIREMENTS = (("torch==2.13.0",), ("transformers==5.23.0", "trl==1.16.0", "peft==0.21.2"))
 JEMALLOC_ENV = "BPO_BENCH_JEMALLOC"  # path of libjemalloc.so to preload into the peer
+# $GLIBC_TUNABLES as the user gave it, saved before `tune_this_process` re-executes the driver with
+# bpo_jax's malloc settings; the peer's untuned variants get this value back.
+UNTUNED_ENV = "BPO_BENCH_UNTUNED_GLIBC_TUNABLES"
 JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
                   "/usr/lib64/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so")
 
@@ -67,15 +76,51 @@ def jemalloc_path() -> str | None:
     return next((p for p in JEMALLOC_PATHS if Path(p).exists()), None)
 
 
-def peer_variants() -> dict[str, dict[str, str]]:
-    """The allocator settings the peer is measured under: glibc malloc, and jemalloc when present.
+def untuned_glibc_tunables() -> str | None:
+    """$GLIBC_TUNABLES as the user set it (None: unset), even after `tune_this_process` changed it."""
+    saved = os.environ.get(UNTUNED_ENV)
+    if saved is None:
+        return os.environ.get("GLIBC_TUNABLES")
+    return saved or None  # "": it was not set
 
-    PyTorch on CPU is allocator-bound on large-vocabulary logits, so the peer is compared at its best.
+
+def ours_environment() -> dict[str, str | None]:
+    """Environment overrides for bpo_jax's side: the malloc settings its command line runs with
+    (bpo_jax.host_memory), so the bench measures what a user gets."""
+    from bpo_jax import host_memory  # standard library only; the peer never calls this
+
+    base = {**os.environ, "GLIBC_TUNABLES": untuned_glibc_tunables()}
+    base = {k: v for k, v in base.items() if v is not None}
+    if not host_memory.tuning_wanted(base):
+        return {"GLIBC_TUNABLES": untuned_glibc_tunables()}
+    return {"GLIBC_TUNABLES": host_memory.tuned_environment(base)["GLIBC_TUNABLES"]}
+
+
+def tune_this_process() -> None:
+    """Re-execute this driver with bpo_jax's malloc settings (as its CLI does), so a bpo_jax side that
+    runs in the driver itself (bench_gradients, bench_logps) gets them too. The user's own
+    $GLIBC_TUNABLES is kept in $BPO_BENCH_UNTUNED_GLIBC_TUNABLES for the peer."""
+    from bpo_jax import host_memory
+
+    os.environ.setdefault(UNTUNED_ENV, os.environ.get("GLIBC_TUNABLES", ""))
+    host_memory.reexec_with_tuned_malloc()
+
+
+def peer_variants() -> dict[str, dict[str, str | None]]:
+    """The allocator settings the peer is measured under (environment overrides; None unsets):
+    glibc malloc, jemalloc when present, and glibc with bpo_jax's own settings when bpo_jax uses them.
+
+    PyTorch on CPU is allocator-bound on large-vocabulary logits, so the peer is compared at its best,
+    and it is offered every allocator setting bpo_jax itself gets.
     """
-    variants = {"glibc malloc": {}}
+    untuned = {"GLIBC_TUNABLES": untuned_glibc_tunables()}
+    variants = {"glibc malloc": untuned}
     jemalloc = jemalloc_path()
     if jemalloc:
-        variants["jemalloc"] = {"LD_PRELOAD": jemalloc}
+        variants["jemalloc"] = {**untuned, "LD_PRELOAD": jemalloc}
+    ours = ours_environment()
+    if ours != untuned:
+        variants["glibc tuned (as bpo_jax)"] = ours
     return variants
 
 
@@ -112,14 +157,15 @@ class WorkerError(RuntimeError):
 class Worker:
     """A benchmark side in its own process: `python -m <module> --serve`, one JSON request per line."""
 
-    def __init__(self, name: str, python: str, module: str, env: dict[str, str] | None = None):
+    def __init__(self, name: str, python: str, module: str, env: dict[str, str | None] | None = None):
+        """`env`: overrides of this process's environment; a None value removes the variable."""
         self.name = name
         self._log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)
         self.log_path = self._log.name
         self._proc = subprocess.Popen(
             [python, "-m", module, "--serve"],
             cwd=REPO,
-            env={**os.environ, **(env or {})},
+            env={k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None},
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
@@ -197,6 +243,7 @@ def bench_main(run: Callable[[str], list[dict]], description: str, argv: Sequenc
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--size", default="cpu", choices=SIZES)
     args = parser.parse_args(argv)
+    tune_this_process()
     rows = run(args.size)
     print(markdown_table(rows))
     for r in rows:
@@ -221,7 +268,7 @@ def against_peer_variants(
     allocator setting (`peer_variants`), each set up with `setup_op`, then `measure_op` timed on
     all of them in alternation. Returns (setup replies, timed blocks), keyed "bpo_jax" and
     "<peer_label> (<variant>)"."""
-    workers = {"bpo_jax": Worker("bpo_jax", sys.executable, ours_module)}
+    workers = {"bpo_jax": Worker("bpo_jax", sys.executable, ours_module, ours_environment())}
     try:
         setup = {"bpo_jax": workers["bpo_jax"].call(setup_op, **ours_setup)}
         python = peer_python()
@@ -324,21 +371,3 @@ def markdown_table(rows: Sequence[dict]) -> str:
         lines.append(f"| {r['workload']} | {_fmt(r['ours'])} | {_fmt(r['peer'])} | {_fmt(r['ratio'])}x "
                      f"| {verdict} | {r['unit']} | `{r['command']}` |")
     return "\n".join(lines)
-
-
-def render_report(sections: Sequence[tuple[str, list[dict], str]], machine: dict[str, str],
-                  preamble: str, command: str) -> str:
-    """The markdown document: machine, then per section a table and its notes."""
-    parts = [preamble.strip(), "", f"Produced by `{command}` on {time.strftime('%Y-%m-%d %H:%M %Z')}.", "",
-             "## Machine", ""]
-    parts += [f"- {k}: {v}" for k, v in machine.items()]
-    for title, rows, notes in sections:
-        parts += ["", f"## {title}", ""]
-        if rows:
-            parts.append(markdown_table(rows))
-            row_notes = [f"- {r['workload']}: {r['note']}" for r in rows if r.get("note")]
-            if row_notes:
-                parts += [""] + row_notes
-        if notes:
-            parts += ["", notes.strip()]
-    return "\n".join(parts) + "\n"

@@ -170,6 +170,48 @@ class PeerWorker:
         times = self._gate.run_steps(steps, self._thread)
         return {"seconds": times, "rss_before_mib": before, "peak_rss_mib": peak_rss_mib()}
 
+    # -- reference log-probs ----------------------------------------------------------------------
+    def ref_setup(self, model_dir: str, data_path: str, batch_size: int) -> dict:
+        """The reference model as TRL's DPOTrainer scores it (its fused LM head), and the pairs in
+        batches of `batch_size`, chosen and rejected stacked as TRL's collator does."""
+        from transformers import AutoModelForCausalLM
+        from trl.trainer.utils import add_fused_lm_head
+
+        self._ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        add_fused_lm_head(self._ref_model)
+        data = json.loads(open(data_path).read())
+        prompt = torch.tensor(data["prompt_ids"])
+        self._ref_batches = []
+        for start in range(0, len(prompt), batch_size):
+            p = prompt[start:start + batch_size]
+            responses = torch.cat([torch.tensor(data[f"{side}_ids"][start:start + batch_size])
+                                   for side in ("chosen", "rejected")])
+            ids = torch.cat([p.repeat(2, 1), responses], 1)
+            completion = torch.cat([torch.zeros_like(p.repeat(2, 1)), torch.ones_like(responses)], 1)
+            self._ref_batches.append((ids, completion))
+        warm, logps = self._reference_logps()
+        return {"warmup_s": warm, "logps": logps, **self.info()}
+
+    def _reference_logps(self) -> tuple[float, list[float]]:
+        """(seconds, summed log-probs: per batch its chosen rows, then its rejected rows), the way
+        DPOTrainer.compute_ref_log_probs computes them: no_grad, labels -100 outside the completion."""
+        start = time.perf_counter()
+        out = []
+        for ids, completion in self._ref_batches:
+            labels = ids.masked_fill(completion == 0, -100)
+            with torch.no_grad():
+                per_token = self._ref_model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
+                                            use_cache=False, fused_lm_head=True).log_probs
+            out += per_token[:, -(ids.shape[1] - 1):].sum(1).tolist()
+        return time.perf_counter() - start, out
+
+    def ref_measure(self) -> dict:
+        before = rss_mib()
+        reset_peak_rss()
+        seconds, _ = self._reference_logps()
+        pairs = sum(len(ids) // 2 for ids, _ in self._ref_batches)
+        return {"seconds": seconds, "pairs": pairs, "rss_before_mib": before, "peak_rss_mib": peak_rss_mib()}
+
     # -- generation -----------------------------------------------------------------------------
     def gen_setup(self, model_dir: str, prompt_ids: list[list[int]], n: int, max_new_tokens: int,
                   temperature: float, top_k: int, top_p: float, seed: int = 0) -> dict:
