@@ -49,6 +49,9 @@ EMBEDDERS = ("policy", "tfidf", "minilm")
 DEPTH_ALLOCATORS = ("gradient", "uniform", "random", "length", "margin", "off")
 BASE_PAIRS = ("primary", "ranked")
 PROJECTIONS = ("rademacher", "gaussian")
+# bpo_jax.losses.LOSS_TYPES, listed here so that a config is checked without loading JAX (a test
+# checks that the two agree).
+LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo")
 
 
 @dataclasses.dataclass
@@ -471,6 +474,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "bpo.depth_allocator": DEPTH_ALLOCATORS,
     "bpo.base_pair": BASE_PAIRS,
     "bpo.projection": PROJECTIONS,
+    "train.loss_type": LOSS_TYPES,
     "train.reference": REFERENCE_MODES,
     "train.optim.schedule": SCHEDULES,
 }
@@ -697,13 +701,11 @@ def _check_model_dir(key: str, path: str) -> None:
     _check((Path(path) / "config.json").is_file(), key, f"{path}: no config.json (expected a Hugging Face model directory)")
 
 
-def _check_with_heavy_modules(config: RunConfig, check_files: bool) -> None:
-    """The checks that import JAX (through bpo_jax.losses and bpo_jax.models): the loss type and the
-    model's own config. They run last, so that every other config error is reported without JAX."""
-    from bpo_jax.losses import LOSS_TYPES
+def _check_model_config(config: RunConfig, check_files: bool) -> None:
+    """The model's own config (model.init, or model.path's config.json). The only check that imports
+    JAX (through bpo_jax.models), so it runs last: every other config error is reported without it."""
     from bpo_jax.models.config import ModelConfig, ModelConfigError
 
-    _check_choice("train.loss_type", config.train.loss_type, LOSS_TYPES)
     m = config.model
     try:
         if m.init is not None:
@@ -717,7 +719,7 @@ def _check_with_heavy_modules(config: RunConfig, check_files: bool) -> None:
 
 def validate(config: RunConfig, num_devices: int | None = None, check_files: bool = True) -> None:
     """Raise ConfigError for the first problem: bad choice or range, contradiction, mesh, files, then
-    the loss type and the model's config (the only checks that load JAX).
+    the model's config (the only check that loads JAX).
 
     num_devices: check the mesh against this many devices (None: only its static shape).
     check_files: require the model directory and input files to exist (relative to the cwd).
@@ -727,7 +729,7 @@ def validate(config: RunConfig, num_devices: int | None = None, check_files: boo
     _check_mesh(config, num_devices)
     if check_files:
         _check_files(config)
-    _check_with_heavy_modules(config, check_files)
+    _check_model_config(config, check_files)
 
 
 def validate_devices(config: RunConfig, num_devices: int) -> None:

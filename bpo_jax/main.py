@@ -159,7 +159,7 @@ def run_command(argv: list[str] | None = None) -> int:
             jax.distributed.initialize(
                 coordinator_address=d.coordinator_address, num_processes=d.num_processes, process_id=d.process_id
             )
-        import jax  # only now: load_config reports all but the model's and loss's errors without it
+        import jax  # only now: load_config reports every error but the model config's without it
 
         validate_devices(config, num_devices=jax.device_count())
     except ConfigError as e:

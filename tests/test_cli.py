@@ -124,6 +124,7 @@ DEMO_TEXT = (ROOT / "configs" / "demo.yaml").read_text()
     ("seed: 0", "seed: abc", "seed: expected int, got str 'abc'"),
     ("prompts: bpo_jax/assets/demo_sort/prompts.jsonl", "prompts: no/such.jsonl", "data.prompts: file not found"),
     ("max_length: 32", "max_length: -5", "data.max_length: must be > 0, got -5"),
+    ("loss_type: sigmoid", "loss_type: sigmod", "train.loss_type: 'sigmod' is not one of"),
 ])
 def test_config_errors_are_reported_without_importing_jax(tmp_path, old, new, key):
     config = tmp_path / "bad.yaml"

@@ -331,3 +331,32 @@ def test_bpo_choices_are_the_ones_depth_implements():
 
     assert config.DEPTH_ALLOCATORS == depth.ALLOCATORS + ("off",)
     assert config.BASE_PAIRS == depth.BASE_PAIRS
+
+
+def test_loss_types_are_the_ones_losses_implements():
+    """config.py lists the loss types without importing losses.py (it loads JAX); they must agree."""
+    from bpo_jax import config, losses
+
+    assert config.LOSS_TYPES == losses.LOSS_TYPES
+
+
+ACCELERATOR_CONFIGS = ("gpu_single.yaml", "tpu_v5e_8.yaml", "tpu_v5p_64_multihost.yaml")
+MEASURE_SPEED = "#   python -m bench.run_all --size gpu\n"
+
+
+def _for_an_accelerator(path: Path) -> bool:
+    """Several devices or a 16-bit compute dtype: a config no CPU run uses."""
+    return _declared_devices(path) > 1 or yaml.safe_load(path.read_text())["model"].get("dtype", "float32") != "float32"
+
+
+def test_accelerator_configs_say_whether_their_speed_was_measured():
+    """Each states its step time and MFU, or says plainly that they were not measured, with the
+    command that measures them."""
+    assert tuple(p.name for p in SHIPPED if _for_an_accelerator(p)) == ACCELERATOR_CONFIGS
+    for name in ACCELERATOR_CONFIGS:
+        text = (REPO / "configs" / name).read_text()
+        header = text[: text.index("\nrun_dir:")]
+        [speed] = [line for line in header.splitlines() if line.startswith("# Step time and MFU: ")]
+        measured = re.search(r"\d m?s\b", speed) and re.search(r"\d%", speed)
+        assert measured or speed.startswith("# Step time and MFU: NOT measured."), name
+        assert MEASURE_SPEED in header, name
