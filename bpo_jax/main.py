@@ -174,4 +174,7 @@ def run_command(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from bpo_jax.host_memory import reexec_with_tuned_malloc
+
+    reexec_with_tuned_malloc()  # CPU hosts: restart once with malloc settings that keep step memory
     sys.exit(main())

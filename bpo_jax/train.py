@@ -10,7 +10,7 @@ fine-tuning, only the `nnx.LoRAParam` adapters when LoRA is on (the frozen base 
 the step, never copied). Reference log-probs come from one of four places (`reference`):
   precomputed  stored with the batch (`ref_chosen_logps` / `ref_rejected_logps`): no reference forward
   frozen_copy  a frozen copy of the initial trainable params (a full second copy without LoRA)
-  lora_off     the policy with its adapters zeroed: the base model, no second copy
+  lora_off     the policy with its adapters switched off: the base model, no second copy
   none         reference-free losses (simpo)
 """
 
@@ -50,7 +50,7 @@ from bpo_jax.losses import (
 from bpo_jax.metrics import MetricsLogger
 from bpo_jax.models.hf import _to_host as to_host
 from bpo_jax.models.llama import CausalLM
-from bpo_jax.models.lora import has_lora
+from bpo_jax.models.lora import adapters_off_graphdef, has_lora
 from bpo_jax.resumable import ResumeError
 from bpo_jax.sharding import BATCH_AXES, batch_sharding, replicated, state_shardings
 
@@ -284,6 +284,7 @@ class DPOTrainer(Trainer):
         if cfg.reference == "none" and cfg.loss_type != "simpo":
             raise ValueError(f"reference 'none' only suits reference-free losses (simpo), not {cfg.loss_type!r}")
         super().__post_init__()
+        self._reference_graphdef = adapters_off_graphdef(self.model) if cfg.reference == "lora_off" else self.graphdef
         if cfg.reference == "frozen_copy":
             # Its own copy of the initial trainable params (jnp.copy: new buffers, never donated).
             self.reference_params = jax.tree.map(jnp.copy, self._initial_trainable)
@@ -319,10 +320,8 @@ class DPOTrainer(Trainer):
             if cfg.reference == "precomputed":
                 rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
             else:
-                ref_trainable = (
-                    reference_params if cfg.reference == "frozen_copy" else jax.tree.map(jnp.zeros_like, trainable)
-                )
-                ref_model = nnx.merge(self.graphdef, jax.lax.stop_gradient(ref_trainable), frozen)
+                ref_trainable = reference_params if cfg.reference == "frozen_copy" else trainable
+                ref_model = nnx.merge(self._reference_graphdef, jax.lax.stop_gradient(ref_trainable), frozen)
                 (rc, rr), _ = concatenated_logps(ref_model, batch, cfg.vocab_chunk)
             rc, rr = jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
             if use_mean:

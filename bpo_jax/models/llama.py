@@ -51,7 +51,7 @@ class Linear(nnx.Module):
         y = x @ self.kernel[...].astype(self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        if self.lora_a is not None:
+        if self.lora_a is not None and self.lora_scale:  # scale 0: adapters switched off
             a = self.lora_a[...].astype(self.dtype)
             b = self.lora_b[...].astype(self.dtype)
             y = y + (x @ a) @ b * jnp.asarray(self.lora_scale, self.dtype)

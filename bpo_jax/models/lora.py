@@ -3,8 +3,8 @@
 An adapter adds x A B * (alpha / rank) to a Linear's output. A is [in, rank] (uniform, like
 PEFT's Kaiming init), B is [rank, out] zeros, so a fresh adapter leaves the model unchanged.
 Adapters are `nnx.LoRAParam` variables: `nnx.split(model, nnx.LoRAParam, ...)` separates the
-trainable adapters from the frozen base, and zeroing them gives the base model back (the
-`lora_off` reference). Note for gradient features: with B = 0, dL/dA = 0, so per-sample
+trainable adapters from the frozen base. `adapters_off_graphdef` gives the same model with
+its adapters switched off (the `lora_off` reference): the base model, no adapter matmuls run. Note for gradient features: with B = 0, dL/dA = 0, so per-sample
 gradients of a fresh adapter carry information only in B until a short warm-up moves B.
 """
 
@@ -69,6 +69,23 @@ def merge_lora(model: CausalLM) -> CausalLM:
             module.lora_b = None
             module.lora_scale = 0.0
     return model
+
+
+def adapters_off_graphdef(model: CausalLM) -> nnx.GraphDef:
+    """The graph of `model` with every adapter switched off (scale 0, so Linear skips its matmuls).
+
+    Merged with the model's own states it is the base model, without a copy of any weight and
+    without the cost of multiplying by zeroed adapters.
+    """
+    adapted = [m for _, m in nnx.iter_modules(model) if isinstance(m, Linear) and m.lora_a is not None]
+    scales = [m.lora_scale for m in adapted]
+    for m in adapted:
+        m.lora_scale = 0.0
+    try:
+        return nnx.graphdef(model)
+    finally:
+        for m, scale in zip(adapted, scales):
+            m.lora_scale = scale
 
 
 def has_lora(model: CausalLM) -> bool:
