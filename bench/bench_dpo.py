@@ -14,7 +14,8 @@ command line uses (bpo_jax.host_memory); TRL runs under glibc malloc, jemalloc w
 glibc with bpo_jax's settings; the ratio is taken against its fastest setting. Peak memory is the
 process's peak RSS over the timed steps (framework runtime included). Per mode, two more rows:
 time to the first step (compilation on our side), and model-FLOP utilization (bench/flops.py,
-reference forward included) against the matmul peak bench_mfu measures on the same machine.
+reference forward included) against a square matmul's rate (bench_mfu's peak), timed in bpo_jax's
+worker in the same alternation.
 """
 
 from __future__ import annotations
@@ -29,13 +30,11 @@ from bench.common import (
     SMOLLM2,
     against_peer_variants,
     bench_main,
-    is_serve_call,
     make_row,
     median,
     peak_rss_mib,
     reset_peak_rss,
     rss_mib,
-    serve,
 )
 from bench.flops import dpo_step_flops, matmul_params
 
@@ -97,7 +96,7 @@ def collate(data: dict, rows: np.ndarray) -> dict[str, np.ndarray]:
 
 
 class OursWorker:
-    """bpo_jax's side, in its own process (python -m bench.bench_dpo --serve)."""
+    """bpo_jax's side, in its own process (served by bench.bench_mfu's MfuWorker, which adds the peak)."""
 
     def dpo_setup(self, model: dict, export_dir: str, data_path: str, batch_size: int, learning_rate: float,
                   beta: float, max_grad_norm: float, warmup_steps: int, lora: dict | None = None,
@@ -165,10 +164,13 @@ def tokens_per_second(blocks: list[dict], tokens_per_step: int) -> float:
     return median([tokens_per_step * len(b["seconds"]) / sum(b["seconds"]) for b in blocks])
 
 
-def compare_mode(size: str, lora: bool, peak: dict) -> list[dict]:
-    """Both sides set up, then timed in alternation; rows for tokens/s, peak memory, time to the first
-    step and model-FLOP utilization against `peak` (bench_mfu.measured_peak)."""
+def compare_mode(size: str, lora: bool) -> list[dict]:
+    """Both sides set up, then timed in alternation with the matmul peak; rows for tokens/s, peak
+    memory, time to the first step and model-FLOP utilization."""
+    from bench.bench_mfu import PEAK  # bench_mfu builds on this module
+
     s = SETTINGS[size]
+    peak_args = {**PEAK[size], "dtype": "float32"}  # the dtype both sides train in
     mode = "LoRA r16" if lora else "full fine-tuning"
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
         data_path = Path(tmp) / "data.json"
@@ -178,10 +180,15 @@ def compare_mode(size: str, lora: bool, peak: dict) -> list[dict]:
         common = dict(data_path=str(data_path), batch_size=s["batch_size"], warmup_steps=s["warmup"],
                       lora=LORA if lora else None, **OPTIM)
         setup, blocks = against_peer_variants(
-            "bench.bench_dpo", "bench.peer_trl", "TRL", "dpo_setup",
+            "bench.bench_mfu", "bench.peer_trl", "TRL", "dpo_setup",  # bench_mfu's worker: the DPO one + peak
             ours_setup=dict(model=s["model"], export_dir=model_dir, **common),
             peer_setup=dict(model_dir=model_dir, max_steps=s["warmup"] + s["repeats"] * s["steps"], **common),
-            measure_op="dpo_measure", measure_args={"steps": s["steps"]}, repeats=s["repeats"])
+            measure_op="dpo_measure", measure_args={"steps": s["steps"]}, repeats=s["repeats"],
+            extra={"peak": ("peak_setup", peak_args, "peak_measure")})
+    peak = {"flops_per_s": max(b["flops_per_s"] for b in blocks.pop("peak")),  # the least disturbed block
+            "device_kind": setup["peak"]["device_kind"],
+            "what": f"{peak_args['n']}x{peak_args['n']} float32 jnp.matmul, {peak_args['repeats']} per block, "
+                    "fastest of the blocks timed in the same alternation"}
     tokens = setup["bpo_jax"]["tokens_per_step"]
     rates = {name: tokens_per_second(b, tokens) for name, b in blocks.items()}
     peaks = {name: median([x["peak_rss_mib"] for x in b]) for name, b in blocks.items()}
@@ -228,14 +235,8 @@ def compare_mode(size: str, lora: bool, peak: dict) -> list[dict]:
 
 
 def run(size: str) -> list[dict]:
-    from bench.bench_mfu import measured_peak  # bench_mfu builds on this module
-
-    peak = measured_peak(size, "float32")  # the dtype both sides train in
-    return compare_mode(size, lora=False, peak=peak) + compare_mode(size, lora=True, peak=peak)
+    return compare_mode(size, lora=False) + compare_mode(size, lora=True)
 
 
 if __name__ == "__main__":
-    if is_serve_call():
-        serve(OursWorker())
-    else:
-        bench_main(run, __doc__.splitlines()[0])
+    bench_main(run, __doc__.splitlines()[0])

@@ -62,6 +62,7 @@ from bpo_jax.train import DPOTrainer
 TITLE = "BPO gradient features: vmap vs per-pair loop, and cost vs a DPO epoch"
 TARGET = 5.0  # vmap features at least 5x the per-pair loop's pairs/s
 LESS_PROJECT_EVERY = 16  # gradients per projection in LESS's collect_grads
+LESS_PROJ_DIM = 8192  # LESS's projection dimension
 PEER_THREADS = 2
 # Idle OpenMP threads sleep instead of spinning: on a shared machine a spinning thread that loses its core
 # stalls every barrier. Measured on 2 cores: with another job running, the default policy made blocks
@@ -303,9 +304,10 @@ def run(size: str) -> list[dict]:
             f"{shape}; peer: torch {peer_info['torch']} + peft {peer_info['peft']} on CPU, "
             f"{peer_info['torch_threads']} threads, OMP_WAIT_POLICY=PASSIVE, {peer_info['trainable_params']:,} LoRA "
             f"params; one forward+backward per pair, gradients projected {LESS_PROJECT_EVERY} at a time to the same "
-            f"proj_dim {s['proj_dim']} by a dense Rademacher matrix made at setup ({dense_bytes / 2**30:.1f} GiB; LESS "
-            f"uses 8192, which at this size needs {4 * f.num_params * 8192 / 2**30:.0f} GiB dense), all {s['pairs']} "
-            f"pairs per block; pair-0 gradient before projection matches jax.grad(pair_loss) to "
+            f"proj_dim {s['proj_dim']} by a dense Rademacher matrix made at setup ({dense_bytes / 2**30:.1f} GiB"
+            + ("" if s["proj_dim"] == LESS_PROJ_DIM else
+               f"; LESS's {LESS_PROJ_DIM} would need {4 * f.num_params * LESS_PROJ_DIM / 2**30:.0f} GiB dense")
+            + f"), all {s['pairs']} pairs per block; pair-0 gradient before projection matches jax.grad(pair_loss) to "
             f"{peer_info['grad_rel_diff']:.1e} relative (asserted < {PEER_GRAD_RTOL:g}); peer at its best allocator "
             "setting: " + "; ".join(f"{name}: {v:.3g} pairs/s" for name, v in with_projection.items()) + ".")
         grad_note = (f"{shape}; bpo_jax: jax.vmap(jax.grad(pair_loss)) over micro-batches of every pair, gradients "

@@ -263,21 +263,28 @@ def against_peer_variants(
     measure_op: str,
     measure_args: dict[str, Any],
     repeats: int,
+    extra: dict[str, tuple[str, dict[str, Any], str]] | None = None,
 ) -> tuple[dict[str, dict], dict[str, list[dict]]]:
     """bpo_jax's worker (`ours_module --serve` in this interpreter) and one peer worker per
     allocator setting (`peer_variants`), each set up with `setup_op`, then `measure_op` timed on
-    all of them in alternation. Returns (setup replies, timed blocks), keyed "bpo_jax" and
-    "<peer_label> (<variant>)"."""
-    workers = {"bpo_jax": Worker("bpo_jax", sys.executable, ours_module, ours_environment())}
+    all of them in alternation. `extra`: more timed sides on bpo_jax's worker, name -> (setup op,
+    its arguments, measure op), in the same alternation (e.g. the matmul peak, so machine load
+    hits it alike). Returns (setup replies, timed blocks), keyed "bpo_jax", "<peer_label>
+    (<variant>)" and the names in `extra`."""
+    ours = Worker("bpo_jax", sys.executable, ours_module, ours_environment())
+    workers, sides = {"bpo_jax": ours}, {"bpo_jax": lambda: ours.call(measure_op, **measure_args)}
     try:
-        setup = {"bpo_jax": workers["bpo_jax"].call(setup_op, **ours_setup)}
+        setup = {"bpo_jax": ours.call(setup_op, **ours_setup)}
+        for name, (op, args, measure) in (extra or {}).items():
+            setup[name] = ours.call(op, **args)
+            sides[name] = lambda m=measure: ours.call(m)
         python = peer_python()
         for variant, env in peer_variants().items():
             name = f"{peer_label} ({variant})"
-            workers[name] = Worker(name, python, peer_module, env)
-            setup[name] = workers[name].call(setup_op, **peer_setup)
-        blocks = interleave({name: (lambda w=w: w.call(measure_op, **measure_args)) for name, w in workers.items()},
-                            repeats)
+            workers[name] = w = Worker(name, python, peer_module, env)
+            setup[name] = w.call(setup_op, **peer_setup)
+            sides[name] = lambda w=w: w.call(measure_op, **measure_args)
+        blocks = interleave(sides, repeats)
     finally:
         for w in workers.values():
             w.close()
