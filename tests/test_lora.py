@@ -7,6 +7,7 @@ NumPy to W + A B * alpha / rank must give the adapted model's logits.
 from __future__ import annotations
 
 import jax
+import jax.extend
 import numpy as np
 import pytest
 from flax import nnx
@@ -14,6 +15,7 @@ from flax import nnx
 from bpo_jax.config import LoraSection
 from bpo_jax.models import ModelConfig, add_lora, init_model, merge_lora
 from bpo_jax.models.llama import Linear
+from bpo_jax.models.lora import adapters_off_graphdef
 
 TINY = ModelConfig(
     vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -84,3 +86,31 @@ def test_targets_pick_the_projections_and_rank_zero_is_full_fine_tuning():
 def test_targets_that_match_nothing_are_an_error():
     with pytest.raises(ValueError, match=r"LoRA targets \['qproj'\] match no projection"):
         add_lora(init_model(TINY, seed=0), LoraSection(rank=RANK, targets=("qproj",)))
+
+
+def count_dots(fn, *args) -> int:
+    """dot_general equations in the jaxpr of fn(*args), nested jaxprs included."""
+    def walk(jaxpr) -> int:
+        n = 0
+        for eqn in jaxpr.eqns:
+            n += eqn.primitive.name == "dot_general"
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                n += walk(sub)
+        return n
+
+    return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def test_adapters_off_graph_is_the_base_model_without_adapter_matmuls():
+    """The lora_off reference: the adapted model's own weights through adapters_off_graphdef give the
+    base model's logits exactly, with as many matmuls as the base model (none spent on adapters)."""
+    model = adapted_model()
+    graphdef, state = nnx.split(model)
+    off = adapters_off_graphdef(model)
+    forward = lambda g: lambda s: nnx.merge(g, s)(IDS)
+    base = init_model(TINY, seed=0)
+    base_def, base_state = nnx.split(base)
+    np.testing.assert_array_equal(np.asarray(forward(off)(state)), np.asarray(base(IDS)))
+    assert count_dots(forward(off), state) == count_dots(forward(base_def), base_state)
+    assert count_dots(forward(graphdef), state) == count_dots(forward(base_def), base_state) + 2 * len(adapted_paths(model))
+    assert np.abs(logits(model) - logits(base)).max() > 1e-2  # the model itself keeps its adapters on
