@@ -69,7 +69,7 @@ PEER_THREADS = 2
 # 15-30x slower; on an idle machine PASSIVE costs the peer about 10%.
 PEER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 PEER_PROJECTION_LIMIT = 4 << 30  # bytes of the peer's dense [params, proj_dim] float32 matrix
-PEER_GRAD_RTOL = 1e-4  # |g_torch - g_jax| / |g_jax| of pair 0
+PEER_GRAD_RTOL = 1e-4  # |g_torch - g_jax| / |g_jax| of pair 0 (a size's grad_rtol overrides it)
 PEFT_WEIGHTS = {"lora_a": "lora_A", "lora_b": "lora_B"}  # our adapter leaf -> PEFT's submodule
 SETTINGS = {
     "cpu": dict(
@@ -89,6 +89,9 @@ SETTINGS = {
     "smollm2": dict(
         model=SMOLLM2, lora_rank=8, pairs=32, prompt_len=64, response_len=128, micro_batch=8, loop_pairs=4,
         proj_dim=256, train_batch=8, repeats=3,
+        # float32 through 30 layers and a 49k vocabulary: 2e-5 measured with 2 of the layers; a wrong
+        # layout or loss would be off by O(1).
+        grad_rtol=1e-3,
     ),
 }
 
@@ -261,10 +264,10 @@ def start_less_peers(bench: Bench, directory: Path, stack: ExitStack) -> tuple[d
         info = info or setup
     ours = bench.pair_gradient(0)
     theirs = np.asarray(next(iter(peers.values())).call("gradient", pair=0)["gradient"], np.float32)
-    rel = float(np.linalg.norm(theirs - ours) / np.linalg.norm(ours))
-    if not rel < PEER_GRAD_RTOL:
+    rel, rtol = float(np.linalg.norm(theirs - ours) / np.linalg.norm(ours)), s.get("grad_rtol", PEER_GRAD_RTOL)
+    if not rel < rtol:
         raise AssertionError(f"PyTorch pair-0 gradient differs from jax.grad(pair_loss) by {rel:.2e} (relative)")
-    return peers, {**info, "grad_rel_diff": rel}
+    return peers, {**info, "grad_rel_diff": rel, "grad_rtol": rtol}
 
 
 def rate(blocks: list[dict], seconds: str = "seconds") -> float:
@@ -308,7 +311,7 @@ def run(size: str) -> list[dict]:
             + ("" if s["proj_dim"] == LESS_PROJ_DIM else
                f"; LESS's {LESS_PROJ_DIM} would need {4 * f.num_params * LESS_PROJ_DIM / 2**30:.0f} GiB dense")
             + f"), all {s['pairs']} pairs per block; pair-0 gradient before projection matches jax.grad(pair_loss) to "
-            f"{peer_info['grad_rel_diff']:.1e} relative (asserted < {PEER_GRAD_RTOL:g}); peer at its best allocator "
+            f"{peer_info['grad_rel_diff']:.1e} relative (asserted < {peer_info['grad_rtol']:g}); peer at its best allocator "
             "setting: " + "; ".join(f"{name}: {v:.3g} pairs/s" for name, v in with_projection.items()) + ".")
         grad_note = (f"{shape}; bpo_jax: jax.vmap(jax.grad(pair_loss)) over micro-batches of every pair, gradients "
                      "left unprojected; peer: the same LESS-style pass, its projection time excluded (timed apart in "

@@ -30,11 +30,11 @@ from bench.common import PEER_PYTHON_ENV, REPO, SIZES, machine_description, mark
 ORDER = ("dpo", "sampling", "gradients", "reference", "pairs", "packing", "logps", "mfu", "arms")
 SIZE_HEADING = "## Size "
 SIZE_DESCRIPTIONS = {
-    "cpu": "a toy that fits the 2-core CI machine (19M-parameter Llama, vocab 32000, hidden 256, 4 layers, "
+    "cpu": "A toy that fits the 2-core CI machine (19M-parameter Llama, vocab 32000, hidden 256, 4 layers, "
            "in the DPO, sampling and MFU rows; each row's note gives its model)",
     "smollm2": "SmolLM2-135M's shape (vocab 49152, hidden 576, intermediate 1536, 30 layers, 9 heads, 3 KV heads, "
                "tied embeddings), random weights, float32, on CPU",
-    "gpu": "a larger model for a GPU/TPU host",
+    "gpu": "A larger model for a GPU/TPU host",
 }
 DEFAULT_OUT = REPO / "docs" / "benchmarks.md"
 
