@@ -87,8 +87,8 @@ SETTINGS = {
     # SmolLM2-135M's shape: 2,442,240 LoRA r8 parameters. proj_dim 256 keeps the peer's dense
     # [params, proj_dim] float32 matrix at 2.3 GiB (8192 would be 75 GiB; see PEER_PROJECTION_LIMIT).
     "smollm2": dict(
-        model=SMOLLM2, lora_rank=8, pairs=32, prompt_len=64, response_len=128, micro_batch=8, loop_pairs=4,
-        proj_dim=256, train_batch=8, repeats=3,
+        model=SMOLLM2, lora_rank=8, pairs=32, prompt_len=64, response_len=128, micro_batch=4, loop_pairs=4,
+        proj_dim=256, train_batch=4, repeats=3,  # batches of 4 pairs: ~1,500 tokens, about the DPO bench's step
         # float32 through 30 layers and a 49k vocabulary: 2e-5 measured with 2 of the layers; a wrong
         # layout or loss would be off by O(1).
         grad_rtol=1e-3,
