@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bpo_jax.models.config import ACTIVATIONS, ModelConfig, resolve_dtype, rope_inverse_frequencies
+from bpo_jax.models.matmul import adapter_matmul, matmul
 
 _MASKED = jnp.finfo(jnp.float32).min
 
@@ -48,13 +49,13 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
-        y = x @ self.kernel[...].astype(self.dtype)
+        y = matmul(x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora_a is not None and self.lora_scale:  # scale 0: adapters switched off
             a = self.lora_a[...].astype(self.dtype)
             b = self.lora_b[...].astype(self.dtype)
-            y = y + (x @ a) @ b * jnp.asarray(self.lora_scale, self.dtype)
+            y = y + adapter_matmul(x, a, b) * jnp.asarray(self.lora_scale, self.dtype)
         return y
 
 
