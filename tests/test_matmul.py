@@ -1,6 +1,7 @@
 """The projections' CPU matmuls (bpo_jax.models.matmul): same values and gradients as the plain
 expressions under jax.grad, for either operand being the smaller one, batched rows, vmap (per-sample
-gradients) and bfloat16; and the backward carries no transposed copy of the output gradient."""
+gradients) and bfloat16; the backward carries no transposed copy of the output gradient; and they are
+used on one CPU device only (the tests run on 8 emulated devices, so they call them directly)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bpo_jax.models.matmul import adapter_matmul, matmul
+from bpo_jax.models import matmul as matmul_module
+from bpo_jax.models.matmul import cpu_adapter_matmul as adapter_matmul, cpu_matmul as matmul
 
 
 def arrays(*shapes, dtype=jnp.float32, seed=0):
@@ -77,3 +79,18 @@ def test_weight_gradient_does_not_write_the_output_gradient_transposed():
 
     assert transposed_big_writes(lambda x, w: x @ w) > 0  # the problem exists in this XLA
     assert transposed_big_writes(matmul) == 0
+
+
+def test_used_on_one_cpu_device_only(monkeypatch):
+    x, w, b = arrays((2, 3, 4), (4, 5), (5, 6))
+
+    def backward(f, *args) -> str:
+        return str(jax.make_jaxpr(jax.grad(lambda *a: f(*a).sum(), argnums=tuple(range(len(args)))))(*args))
+
+    assert jax.device_count() == 8  # conftest: 8 emulated CPU devices -> the plain matmul
+    assert not matmul_module.single_cpu_device()
+    assert "optimization_barrier" not in backward(matmul_module.matmul, x, w)
+    monkeypatch.setattr(matmul_module.jax, "device_count", lambda: 1)
+    assert matmul_module.single_cpu_device()
+    assert "optimization_barrier" in backward(matmul_module.matmul, x, w)
+    assert "optimization_barrier" in backward(matmul_module.adapter_matmul, x, w, b)

@@ -8,8 +8,10 @@ B gradient forced one per target projection) and 16% of a full one. Here the bac
 the smaller operand itself, as a standalone transpose behind an optimization barrier (XLA cannot
 fold it back into a producer), and every dot has the canonical [M, K] x [K, N] form.
 
-The values are the plain matmul's (gradients equal jax.grad's to float32 rounding, tested). Other
-backends keep the plain matmul: the layout problem was measured on CPU only.
+The values are the plain matmul's (gradients equal jax.grad's to float32 rounding, tested). It is
+used on a single CPU device only, where it was measured: other backends, and CPU meshes of several
+devices (where the barrier could change how XLA partitions the weight gradients: a run on 2 processes
+x 4 devices then no longer matched 1 x 8 to the byte), keep the plain matmul.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ def _weight_gradient(x: jax.Array, dy: jax.Array) -> jax.Array:
 
 
 @jax.custom_vjp
-def _cpu_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+def cpu_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x @ w with the CPU-laid-out backward."""
     return x @ w
 
 
@@ -45,11 +48,12 @@ def _cpu_matmul_bwd(res, dy):
     return dy @ w.T, _weight_gradient(x, dy).astype(w.dtype)
 
 
-_cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
+cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
 
 
 @jax.custom_vjp
-def _cpu_adapter(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+def cpu_adapter_matmul(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """(x @ a) @ b with the CPU-laid-out backward."""
     return (x @ a) @ b
 
 
@@ -64,18 +68,19 @@ def _cpu_adapter_bwd(res, dy):
     return dxa @ a.T, _weight_gradient(x, dxa).astype(a.dtype), _weight_gradient(xa, dy).astype(b.dtype)
 
 
-_cpu_adapter.defvjp(_cpu_adapter_fwd, _cpu_adapter_bwd)
+cpu_adapter_matmul.defvjp(_cpu_adapter_fwd, _cpu_adapter_bwd)
 
 
-def _on_cpu() -> bool:
-    return jax.default_backend() == "cpu"
+def single_cpu_device() -> bool:
+    """Where the CPU-laid-out backward is used: one CPU device (see the module docstring)."""
+    return jax.default_backend() == "cpu" and jax.device_count() == 1
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """x @ w for x [..., in], w [in, out]."""
-    return _cpu_matmul(x, w) if _on_cpu() else x @ w
+    return cpu_matmul(x, w) if single_cpu_device() else x @ w
 
 
 def adapter_matmul(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
     """(x @ a) @ b, LoRA's low-rank update, for x [..., in], a [in, r], b [r, out]."""
-    return _cpu_adapter(x, a, b) if _on_cpu() else (x @ a) @ b
+    return cpu_adapter_matmul(x, a, b) if single_cpu_device() else (x @ a) @ b
