@@ -4,8 +4,9 @@ An adapter adds x A B * (alpha / rank) to a Linear's output. A is [in, rank] (un
 PEFT's Kaiming init), B is [rank, out] zeros, so a fresh adapter leaves the model unchanged.
 Adapters are `nnx.LoRAParam` variables: `nnx.split(model, nnx.LoRAParam, ...)` separates the
 trainable adapters from the frozen base. `adapters_off_graphdef` gives the same model with
-its adapters switched off (the `lora_off` reference): the base model, no adapter matmuls run. Note for gradient features: with B = 0, dL/dA = 0, so per-sample
-gradients of a fresh adapter carry information only in B until a short warm-up moves B.
+its adapters switched off (the `lora_off` reference): the base model, no adapter matmuls run.
+Note for gradient features: with B = 0, dL/dA = 0, so per-sample gradients of a fresh adapter
+carry information only in B until a short warm-up moves B.
 """
 
 from __future__ import annotations

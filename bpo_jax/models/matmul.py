@@ -51,26 +51,6 @@ def _cpu_matmul_bwd(res, dy):
 cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
 
 
-@jax.custom_vjp
-def cpu_adapter_matmul(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
-    """(x @ a) @ b with the CPU-laid-out backward."""
-    return (x @ a) @ b
-
-
-def _cpu_adapter_fwd(x, a, b):
-    xa = x @ a
-    return xa @ b, (x, a, b, xa)
-
-
-def _cpu_adapter_bwd(res, dy):
-    x, a, b, xa = res
-    dxa = dy @ b.T
-    return dxa @ a.T, _weight_gradient(x, dxa).astype(a.dtype), _weight_gradient(xa, dy).astype(b.dtype)
-
-
-cpu_adapter_matmul.defvjp(_cpu_adapter_fwd, _cpu_adapter_bwd)
-
-
 def single_cpu_device() -> bool:
     """Where the CPU-laid-out backward is used: one CPU device (see the module docstring)."""
     return jax.default_backend() == "cpu" and jax.device_count() == 1
@@ -82,5 +62,6 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def adapter_matmul(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
-    """(x @ a) @ b, LoRA's low-rank update, for x [..., in], a [in, r], b [r, out]."""
-    return cpu_adapter_matmul(x, a, b) if single_cpu_device() else (x @ a) @ b
+    """(x @ a) @ b, LoRA's low-rank update, for x [..., in], a [in, r], b [r, out]. Two matmuls, each
+    with its own backward: B's gradient transposes the small [tokens, r] x @ a, A's the small d(x @ a)."""
+    return matmul(matmul(x, a), b)
