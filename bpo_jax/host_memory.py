@@ -43,8 +43,12 @@ def has_accelerator() -> bool:
 
 
 def tuning_wanted(env: Mapping[str, str] = os.environ) -> bool:
-    """Linux with glibc, CPU only, not turned off by $BPO_JAX_HOST_MALLOC=system."""
-    if env.get(OPT_OUT_ENV, "").strip().lower() == "system":
+    """Linux with glibc, CPU only, not turned off by $BPO_JAX_HOST_MALLOC=system (its only value:
+    any other is refused with ValueError rather than ignored)."""
+    choice = env.get(OPT_OUT_ENV, "").strip().lower()
+    if choice not in ("", "system"):
+        raise ValueError(f"${OPT_OUT_ENV}={env[OPT_OUT_ENV]!r}: expected 'system' (keep glibc's malloc defaults) or unset")
+    if choice == "system":
         return False
     return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc" and not has_accelerator()
 
@@ -61,7 +65,12 @@ def reexec_with_tuned_malloc() -> None:
     """Restart this process (same interpreter, same arguments) with the tuned malloc, when wanted and
     not already in effect. Call first thing in a command-line entry point: it does not return then."""
     env = dict(os.environ)
-    if not tuning_wanted(env):
+    try:
+        wanted = tuning_wanted(env)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if not wanted:
         return
     tuned = tuned_environment(env)
     if tuned[TUNABLES_ENV] == env.get(TUNABLES_ENV):

@@ -32,6 +32,8 @@ def test_opt_out_and_accelerators_keep_glibc_defaults(monkeypatch):
     on_glibc_linux = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert tuning_wanted({}) is on_glibc_linux
     assert not tuning_wanted({OPT_OUT_ENV: "system"})
+    with pytest.raises(ValueError, match="expected 'system'"):
+        tuning_wanted({OPT_OUT_ENV: "off"})  # a misspelt or other value is refused, not ignored
     monkeypatch.setenv("JAX_PLATFORMS", "cuda")
     assert not tuning_wanted({})
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
@@ -73,3 +75,11 @@ def test_reexecuted_process_keeps_freed_memory(tmp_path, opt_out):
     else:
         assert result["tunables"] == ALL and starts.read_text().count("start") == 2  # restarted exactly once
         assert result["faults"] < 10  # the freed block was kept and reused
+
+
+def test_cli_refuses_an_unknown_opt_out_value():
+    env = {**os.environ, OPT_OUT_ENV: "sytem"}
+    out = subprocess.run([sys.executable, "-m", "bpo_jax.main", "--help"], env=env, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"error: ${OPT_OUT_ENV}='sytem': expected 'system' (keep glibc's malloc defaults) or unset"
+    assert out.stdout == ""
