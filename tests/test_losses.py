@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bpo_jax import losses as losses_module
 from bpo_jax.losses import (
     LOSS_TYPES,
     batch_mean,
@@ -222,6 +223,71 @@ def test_token_logps_upcasts_bf16_logits():
     assert out.dtype == jnp.float32
     expected = _loop_sequence_logps(np.asarray(bf16.astype(jnp.float32)), ids, np.ones_like(ids))[0]
     np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5)
+
+
+def _softmax_gradient_loops(logits, ids, weights):
+    """d/dlogits of sum_t weights[b, t-1] * log p(ids[b, t]): w (one_hot(label) - softmax) per row."""
+    grad = np.zeros(logits.shape, np.float64)
+    for b in range(logits.shape[0]):
+        for t in range(1, logits.shape[1]):
+            row = logits[b, t - 1].astype(np.float64)
+            softmax = np.exp(row - row.max())
+            softmax /= softmax.sum()
+            grad[b, t - 1] = -weights[b, t - 1] * softmax
+            grad[b, t - 1, ids[b, t]] += weights[b, t - 1]
+    return grad
+
+
+@pytest.fixture(params=["mesh", "one_cpu"])
+def device(request, monkeypatch):
+    """token_logps as on a mesh (the tests' 8 emulated devices: JAX's own backward) and as on one CPU
+    device (the one-pass backward)."""
+    if request.param == "one_cpu":
+        monkeypatch.setattr(losses_module, "single_cpu_device", lambda: True)
+    return request.param
+
+
+def test_token_logps_gradient_matches_the_softmax_formula_also_per_sample_and_bf16(device):
+    logits, ids, _ = _random_batch(2, batch=3, length=6, vocab=13)
+    weights = np.random.default_rng(3).normal(size=(3, 5)).astype(np.float32)
+    expected = _softmax_gradient_loops(logits, ids, weights)
+    loss = lambda x, i, w: jnp.sum(token_logps(x, i) * w)
+    got = jax.grad(loss)(jnp.array(logits), jnp.array(ids), jnp.array(weights))
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-6)
+    assert not np.asarray(got)[:, -1].any()  # the last position predicts nothing
+    per_sample = jax.vmap(jax.grad(lambda x, i, w: loss(x[None], i[None], w[None])))(
+        jnp.array(logits), jnp.array(ids), jnp.array(weights)
+    )
+    np.testing.assert_allclose(np.asarray(per_sample), expected, rtol=1e-5, atol=1e-6)
+    bf16 = jnp.array(logits).astype(jnp.bfloat16)
+    got16 = jax.grad(loss)(bf16, jnp.array(ids), jnp.array(weights))
+    assert got16.dtype == jnp.bfloat16
+    expected16 = _softmax_gradient_loops(np.asarray(bf16.astype(jnp.float32)), ids, weights)
+    np.testing.assert_allclose(np.asarray(got16.astype(jnp.float32)), expected16, atol=0.01)
+
+
+def test_token_logps_backward_holds_no_vocabulary_sized_temporary(device):
+    """Autodiff of the plain expression scatters the label gradients into a [B, T-1, V] temporary
+    before padding them into d logits [B, T, V]; the custom backward writes d logits in one pass."""
+    b, t, v = 4, 64, 8192
+    logits = jax.ShapeDtypeStruct((b, t, v), jnp.float32)
+    ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
+
+    def temp_bytes(f):
+        grad = jax.jit(jax.grad(lambda x, i: jnp.sum(f(x, i) * jnp.arange(t - 1.0))))
+        return grad.lower(logits, ids).compile().memory_analysis().temp_size_in_bytes
+
+    def plain(x, i):
+        shifted = x[:, :-1]
+        picked = jnp.take_along_axis(shifted, i[:, 1:, None], axis=-1)[..., 0]
+        return picked - jax.nn.logsumexp(shifted, axis=-1)
+
+    size = b * t * v * 4
+    assert temp_bytes(plain) >= 0.9 * size  # what the test would catch
+    if device == "one_cpu":
+        assert temp_bytes(token_logps) < 0.1 * size
+    else:
+        assert temp_bytes(token_logps) == temp_bytes(plain)
 
 
 def _plain_from_hidden(hidden, kernel, ids, mask):
