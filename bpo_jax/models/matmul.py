@@ -9,9 +9,10 @@ the smaller operand itself, as a standalone transpose behind an optimization bar
 fold it back into a producer), and every dot has the canonical [M, K] x [K, N] form.
 
 The values are the plain matmul's (gradients equal jax.grad's to float32 rounding, tested). It is
-used on a single CPU device only, where it was measured: other backends, and CPU meshes of several
-devices (where the barrier could change how XLA partitions the weight gradients: a run on 2 processes
-x 4 devices then no longer matched 1 x 8 to the byte), keep the plain matmul.
+used on a single CPU device only, where it was measured: other backends and CPU meshes keep the plain
+matmul. (On a CPU mesh a run on 2 processes x 4 devices then no longer matched 1 x 8 to the byte. Not
+because the code is wrong there: even with the plain matmul those two layouts train weights that differ
+in the last float32 bit (collective summation order), and a change of rounding can flip a sampled token.)
 """
 
 from __future__ import annotations
