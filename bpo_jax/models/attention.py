@@ -8,8 +8,8 @@ Here the forward pass saves q, k, v, the mask and the per-row max and sum of the
 ([B, K, G, T] each); the backward recomputes the probabilities from them (one extra q k^T per
 layer, ~1% of the step's FLOPs) and applies the softmax gradient. `jax.checkpoint` around plain
 attention does not do this on XLA:CPU: the scheduler hoists the recomputation into the forward pass
-and the probabilities are live at the peak again (measured). The recomputation here waits for the
-incoming gradient through an optimization barrier, so it runs layer by layer in the backward.
+and the probabilities are live at the peak again (measured). The recomputation here depends on the
+incoming gradient's data, so it runs layer by layer in the backward (see `_attention_bwd`).
 
 The forward values are the plain computation's; gradients equal jax.grad of it to float32 rounding
 (tested). Like the projections' matmuls (bpo_jax.models.matmul), it is used on a single CPU device,
@@ -76,15 +76,16 @@ def _scores(q, k, mask, scale: float) -> jax.Array:
     return _masked(jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale, mask)
 
 
-def _probabilities(scores: jax.Array, row_max: jax.Array, row_sum: jax.Array, dtype) -> jax.Array:
-    return (jnp.exp(scores - row_max[..., None]) / row_sum[..., None]).astype(dtype)
+def _probabilities(scores: jax.Array, row_max: jax.Array, row_sum: jax.Array) -> jax.Array:
+    """float32 softmax of the scores from their row max and row sum of exponentials."""
+    return jnp.exp(scores - row_max[..., None]) / row_sum[..., None]
 
 
 def _forward(q, k, v, mask, scale: float):
     scores = _scores(q, k, mask, scale)
     row_max = scores.max(axis=-1)
     row_sum = jnp.exp(scores - row_max[..., None]).sum(axis=-1)
-    probs = _probabilities(scores, row_max, row_sum, v.dtype)
+    probs = _probabilities(scores, row_max, row_sum).astype(v.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", probs, v), (row_max, row_sum)
 
 
@@ -106,10 +107,10 @@ def _attention_bwd(scale: float, residuals, d_out):
     # not fold for floats) keeps the recomputation out of the forward pass: both measured.
     (q, k, v, mask, row_max, row_sum), d_out = jax.lax.optimization_barrier((residuals, d_out))
     q = q + 0.0 * d_out.astype(q.dtype)
-    probs = _probabilities(_scores(q, k, mask, scale), row_max, row_sum, v.dtype)
-    d_v = jnp.einsum("bkgts,btkgd->bskd", probs, d_out.astype(v.dtype))
+    p32 = _probabilities(_scores(q, k, mask, scale), row_max, row_sum)
+    d_v = jnp.einsum("bkgts,btkgd->bskd", p32.astype(v.dtype), d_out.astype(v.dtype))
     d_probs = jnp.einsum("btkgd,bskd->bkgts", d_out.astype(v.dtype), v).astype(jnp.float32)
-    p32 = probs.astype(jnp.float32)
+    # The softmax gradient from the float32 probabilities, as JAX's rule for jax.nn.softmax uses them.
     d_scores = p32 * (d_probs - (d_probs * p32).sum(axis=-1, keepdims=True)) * scale
     d_scores = jnp.where(mask[:, None, None, :, :], d_scores, 0.0)
     d_q = jnp.einsum("bkgts,bskd->btkgd", d_scores, k, preferred_element_type=jnp.float32)

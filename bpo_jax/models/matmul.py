@@ -53,7 +53,8 @@ cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
 
 
 def single_cpu_device() -> bool:
-    """Where the CPU-laid-out backward is used: one CPU device (see the module docstring)."""
+    """Where the CPU-specific backward passes are used (this module's, bpo_jax.models.attention's and
+    losses.token_logps'): one CPU device, where they were measured (see the module docstring)."""
     return jax.default_backend() == "cpu" and jax.device_count() == 1
 
 
