@@ -41,8 +41,14 @@ def grouped_query_attention(
     b, t, h, d = q.shape
     kvh = k.shape[2]
     scale = d**-0.5 if scale is None else float(scale)
-    attend = _recomputing_attention if single_cpu_device() else _plain_attention
-    out = attend(q.reshape(b, t, kvh, h // kvh, d), k.astype(q.dtype), v, mask, scale)
+    q, k = q.reshape(b, t, kvh, h // kvh, d), k.astype(q.dtype)
+    if single_cpu_device():
+        # Heads first, so that every dot is a plain matmul batched over (B, K) with (G, T) as its rows:
+        # XLA:CPU ran the DPO step's attention dots 2x faster than on [B, T, K, G, D] (measured).
+        out = _recomputing_attention(q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                                     mask, scale).transpose(0, 3, 1, 2, 4)
+    else:
+        out = _plain_attention(q, k, v, mask, scale)
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 
@@ -63,7 +69,8 @@ def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax
 
 def _plain_attention(q, k, v, mask, scale: float) -> jax.Array:
     """Grouped attention [B, T, K, G, D] -> [B, T, K, G, D], differentiated by JAX's own rules."""
-    probs = jax.nn.softmax(_scores(q, k, mask, scale), axis=-1).astype(v.dtype)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(_masked(scores * scale, mask), axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", probs, v)
 
 
@@ -72,8 +79,8 @@ def _masked(scores: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def _scores(q, k, mask, scale: float) -> jax.Array:
-    """Masked scaled scores [B, K, G, T, S] float32 of grouped q [B, T, K, G, D] and k [B, S, K, D]."""
-    return _masked(jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale, mask)
+    """Masked scaled scores [B, K, G, T, S] float32 of heads-first q [B, K, G, T, D] and k [B, K, S, D]."""
+    return _masked(jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * scale, mask)
 
 
 def _probabilities(scores: jax.Array, row_max: jax.Array, row_sum: jax.Array) -> jax.Array:
@@ -86,12 +93,13 @@ def _forward(q, k, v, mask, scale: float):
     row_max = scores.max(axis=-1)
     row_sum = jnp.exp(scores - row_max[..., None]).sum(axis=-1)
     probs = _probabilities(scores, row_max, row_sum).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v), (row_max, row_sum)
+    return jnp.einsum("bkgts,bksd->bkgtd", probs, v), (row_max, row_sum)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _recomputing_attention(q, k, v, mask, scale: float) -> jax.Array:
-    """`_plain_attention` whose backward pass recomputes the probabilities (see the module docstring)."""
+    """`_plain_attention` on heads-first operands, q [B, K, G, T, D] and k/v [B, K, S, D] -> [B, K, G, T, D],
+    whose backward pass recomputes the probabilities (see the module docstring)."""
     return _forward(q, k, v, mask, scale)[0]
 
 
@@ -108,13 +116,13 @@ def _attention_bwd(scale: float, residuals, d_out):
     (q, k, v, mask, row_max, row_sum), d_out = jax.lax.optimization_barrier((residuals, d_out))
     q = q + 0.0 * d_out.astype(q.dtype)
     p32 = _probabilities(_scores(q, k, mask, scale), row_max, row_sum)
-    d_v = jnp.einsum("bkgts,btkgd->bskd", p32.astype(v.dtype), d_out.astype(v.dtype))
-    d_probs = jnp.einsum("btkgd,bskd->bkgts", d_out.astype(v.dtype), v).astype(jnp.float32)
+    d_v = jnp.einsum("bkgts,bkgtd->bksd", p32.astype(v.dtype), d_out.astype(v.dtype))
+    d_probs = jnp.einsum("bkgtd,bksd->bkgts", d_out.astype(v.dtype), v).astype(jnp.float32)
     # The softmax gradient from the float32 probabilities, as JAX's rule for jax.nn.softmax uses them.
     d_scores = p32 * (d_probs - (d_probs * p32).sum(axis=-1, keepdims=True)) * scale
     d_scores = jnp.where(mask[:, None, None, :, :], d_scores, 0.0)
-    d_q = jnp.einsum("bkgts,bskd->btkgd", d_scores, k, preferred_element_type=jnp.float32)
-    d_k = jnp.einsum("bkgts,btkgd->bskd", d_scores, q, preferred_element_type=jnp.float32)
+    d_q = jnp.einsum("bkgts,bksd->bkgtd", d_scores, k, preferred_element_type=jnp.float32)
+    d_k = jnp.einsum("bkgts,bkgtd->bksd", d_scores, q, preferred_element_type=jnp.float32)
     return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
 
 
