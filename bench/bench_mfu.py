@@ -7,6 +7,11 @@ included, plus the causal attention term). The step runs with precomputed refere
 it does exactly one forward and one backward of the policy. The peak is what a plain `jnp.matmul`
 of two square matrices reaches on the same device, in the same process, timed in alternation with
 the step (the fastest block: load from other jobs lowers a block, never raises it). The row reads: ours = achieved FLOP/s, peer = measured peak, ratio = MFU.
+
+A second row bounds what the step could reach on this device: every matmul of the step
+(bench/flops.py `step_matmuls`) timed alone at its shape, in blocks alternated with the other two;
+model FLOPs over their summed time (fastest block) is the MFU the device's matmuls allow at this
+model's shapes with no elementwise work and no idle core.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 
 from bench.bench_dpo import OPTIM, SETTINGS, OursWorker, make_data, model_config
 from bench.common import Worker, bench_main, interleave, is_serve_call, make_row, median, ours_environment, serve
-from bench.flops import dpo_step_flops
+from bench.flops import dpo_step_flops, step_matmuls
 
 TITLE = "Model FLOPs utilization (MFU)"
 # Matmul size and dtype for the peak, and the step's compute dtype, per size.
@@ -27,6 +32,7 @@ TITLE = "Model FLOPs utilization (MFU)"
 PEAK = {"cpu": {"n": 2048, "dtype": "float32", "repeats": 3}, "smollm2": {"n": 2048, "dtype": "float32", "repeats": 10},
         "gpu": {"n": 8192, "dtype": "bfloat16", "repeats": 20}}
 STEP_DTYPE = {"cpu": "float32", "smollm2": "float32", "gpu": "bfloat16"}
+CEILING_CALLS = 3  # calls per matmul shape per block, averaged
 
 
 class MfuWorker(OursWorker):
@@ -50,6 +56,30 @@ class MfuWorker(OursWorker):
         seconds = time.perf_counter() - start
         return {"flops_per_s": 2 * self.n**3 * self.repeats / seconds}
 
+    def ceiling_setup(self, model: dict, rows: int, seq_len: int, dtype: str) -> dict:
+        import jax
+        import jax.numpy as jnp
+
+        self.step_matmuls, key = [], jax.random.key(1)
+        for _, count, spec, lhs, rhs in step_matmuls(model_config(model), rows, seq_len):
+            key, ka, kb = jax.random.split(key, 3)
+            a, b = jax.random.normal(ka, lhs, dtype), jax.random.normal(kb, rhs, dtype)
+            matmul = jax.jit(lambda a, b, spec=spec: jnp.einsum(spec, a, b))
+            matmul(a, b).block_until_ready()  # compile
+            self.step_matmuls.append((count, matmul, a, b))
+        return {"shapes": len(self.step_matmuls)}
+
+    def ceiling_measure(self) -> dict:
+        """Seconds of one step's matmuls, each timed alone at its shape."""
+        seconds = 0.0
+        for count, matmul, a, b in self.step_matmuls:
+            start = time.perf_counter()
+            for _ in range(CEILING_CALLS):
+                out = matmul(a, b)
+            out.block_until_ready()
+            seconds += count * (time.perf_counter() - start) / CEILING_CALLS
+        return {"seconds": seconds}
+
 
 def run(size: str) -> list[dict]:
     s, peak = SETTINGS[size], PEAK[size]
@@ -63,8 +93,11 @@ def run(size: str) -> list[dict]:
                            batch_size=s["batch_size"], warmup_steps=s["warmup"], reference="precomputed",
                            dtype=STEP_DTYPE[size], **OPTIM)
             device = w.call("peak_setup", **peak)
+            w.call("ceiling_setup", model=s["model"], rows=setup["tokens_per_step"] // seq, seq_len=seq,
+                   dtype=STEP_DTYPE[size])
             blocks = interleave({"step": lambda: w.call("dpo_measure", steps=s["steps"]),
-                                 "peak": lambda: w.call("peak_measure")}, s["repeats"])
+                                 "peak": lambda: w.call("peak_measure"),
+                                 "ceiling": lambda: w.call("ceiling_measure")}, s["repeats"])
     config = model_config(s["model"])
     tokens = setup["tokens_per_step"]
     flops_per_token = dpo_step_flops(config, tokens, seq, reference_forward=False) / tokens
@@ -74,8 +107,16 @@ def run(size: str) -> list[dict]:
             f"{flops_per_token / 1e6:,.1f} MFLOP/token at {seq} tokens (6N + attention), step in {STEP_DTYPE[size]}, "
             f"full fine-tuning, reference log-probs precomputed; peak = {peak['n']}x{peak['n']} {peak['dtype']} "
             f"jnp.matmul, the fastest block; step: {s['repeats']} interleaved blocks, median. ratio = MFU.")
+    ceiling = flops_per_token * tokens / min(b["seconds"] for b in blocks["ceiling"])
+    ceiling_note = (f"the step's {len(step_matmuls(config, tokens // seq, seq))} matmul shapes (bench/flops.py "
+                    f"step_matmuls: projections, LM head and attention dots, forward and backward) each timed alone, "
+                    f"{CEILING_CALLS} calls per block, fastest of {s['repeats']} blocks; ours = model FLOPs / their "
+                    f"summed time; ratio = the highest MFU this device's matmuls allow at these shapes.")
+    command = f"python -m bench.bench_mfu --size {size}"
     return [make_row("MFU: DPO train step, achieved vs peak matmul", achieved / 1e9, peak_flops / 1e9,
-                     "GFLOP/s (peer column: measured peak)", f"python -m bench.bench_mfu --size {size}", note=note)]
+                     "GFLOP/s (peer column: measured peak)", command, note=note),
+            make_row("MFU ceiling: the step's matmuls alone vs peak matmul", ceiling / 1e9, peak_flops / 1e9,
+                     "GFLOP/s (peer column: measured peak)", command, note=ceiling_note)]
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ adapters skipped) adds 2 N + A per token, unless reference log-probs are precomp
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -47,3 +48,44 @@ def dpo_step_flops(config: Any, tokens: int, seq_len: int, *, lora_params: int =
     else:
         policy = 3 * forward
     return tokens * (policy + (forward if reference_forward else 0))
+
+
+def step_matmuls(config: Any, rows: int, seq_len: int) -> list[tuple[str, int, str, tuple, tuple]]:
+    """The matmuls of a full fine-tuning step with precomputed reference log-probs, at their shapes.
+
+    Why: timing each alone bounds the step from below (no elementwise work, no idle core), so
+    model FLOPs / that time is the MFU this device's matmuls allow at this model's shapes; a bar
+    above it cannot be met by the step. Each entry is (name, count per step, einsum spec, lhs shape,
+    rhs shape) for `rows` sequences of `seq_len` tokens. Per projection: the forward x W, the input
+    gradient dy W^T and the weight gradient x^T dy; the same for the LM head. Attention runs seven dots
+    per layer over the full square, as bpo_jax.models.attention does on one CPU device: forward QK^T
+    and PV, then the backward recomputes QK^T and forms dP, dV, dQ and dK (heads first, grouped query
+    heads as rows).
+    """
+    m, h = rows * seq_len, config.hidden_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    layers = config.num_hidden_layers
+    projections = {"q": (h, q, 1), "k/v": (h, kv, 2), "o": (q, h, 1), "gate/up": (h, config.intermediate_size, 2),
+                   "down": (config.intermediate_size, h, 1)}
+    out = []
+    for name, (i, o, per_layer) in projections.items():
+        count = per_layer * layers
+        out += [(f"{name} forward", count, "mi,io->mo", (m, i), (i, o)),
+                (f"{name} input gradient", count, "mo,io->mi", (m, o), (i, o)),
+                (f"{name} weight gradient", count, "mi,mo->io", (m, i), (m, o))]
+    v = config.vocab_size
+    out += [("LM head forward", 1, "mh,vh->mv", (m, h), (v, h)), ("LM head input gradient", 1, "mv,vh->mh", (m, v), (v, h)),
+            ("LM head weight gradient", 1, "mv,mh->vh", (m, v), (m, h))]
+    k, g, d, t = config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads, config.head_dim, seq_len
+    query, key, square = (rows, k, g * t, d), (rows, k, t, d), (rows, k, g * t, t)
+    out += [("attention QK^T and dP = dO V^T", 3 * layers, "bkmd,bksd->bkms", query, key),  # forward, recomputed, dP
+            ("attention PV and dQ = dS K", 2 * layers, "bkms,bksd->bkmd", square, key),
+            ("attention dV = P^T dO and dK = dS^T Q", 2 * layers, "bkms,bkmd->bksd", square, query)]
+    return out
+
+
+def einsum_flops(spec: str, lhs: tuple, rhs: tuple) -> int:
+    """2 x the product of every distinct dimension of a two-operand einsum (a multiply-add per term)."""
+    operands = spec.split("->")[0].split(",")
+    sizes = dict(zip(operands[0], lhs)) | dict(zip(operands[1], rhs))
+    return 2 * math.prod(sizes.values())

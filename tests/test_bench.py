@@ -13,7 +13,7 @@ from flax import nnx
 from bench import common, run_all
 from bench.bench_dpo import model_config
 from bench.common import SMOLLM2
-from bench.flops import attention_forward_flops, dpo_step_flops, matmul_params
+from bench.flops import attention_forward_flops, dpo_step_flops, einsum_flops, matmul_params, step_matmuls
 from bpo_jax import host_memory
 from bpo_jax.config import LoraSection
 from bpo_jax.models.config import ModelConfig
@@ -37,6 +37,21 @@ def test_flops_match_a_hand_count():
     assert dpo_step_flops(TINY, 6, 3, reference_forward=False) == 6 * 3 * 608
     # LoRA with 20 adapter params: forward 608, backward through activations 560 + 96, adapters 6 x 20
     assert dpo_step_flops(TINY, 6, 3, lora_params=20) == 6 * (608 + 656 + 120 + 608)
+
+
+def test_step_matmuls_execute_the_model_flops():
+    assert einsum_flops("mi,io->mo", (6, 4), (4, 5)) == 2 * 6 * 4 * 5
+    assert einsum_flops("bkmd,bksd->bkms", (2, 1, 6, 2), (2, 1, 3, 2)) == 2 * 2 * 1 * 6 * 2 * 3
+    matmuls = step_matmuls(TINY, rows=2, seq_len=3)
+    executed = {"weights": 0, "attention": 0}
+    for name, count, spec, lhs, rhs in matmuls:
+        executed["attention" if name.startswith("attention") else "weights"] += count * einsum_flops(spec, lhs, rhs)
+    tokens = 2 * 3
+    # forward, input gradient and weight gradient of every weight: 3 x 2N per token (hand count N = 280)
+    assert executed["weights"] == tokens * 6 * 280
+    # attention: 7 dots over the full square (causal model FLOPs count half of 3: 3A) -> 7A per token, A = 48
+    assert executed["attention"] == tokens * 7 * 48
+    assert sum(count for _, count, *_ in matmuls) == 2 * (7 * 3 + 7) + 3  # per layer: 7 projections x 3, 7 dots
 
 
 def test_flops_agree_with_the_model_config_and_smollm2s_size():
