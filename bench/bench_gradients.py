@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from bench.common import SMOLLM2, Worker, bench_main, interleave, make_row, median, peer_python, peer_variants
+from bench.flops import dpo_step_flops
 from bpo_jax.config import LoraSection, OptimSection, TrainSection
 from bpo_jax.data.batching import PreferenceBatcher
 from bpo_jax.data.tokenize import RaggedTokens, TokenizedPairs
@@ -293,7 +294,11 @@ def run(size: str) -> list[dict]:
              f"{s['model']['hidden_size']}-wide model (vocab {s['model']['vocab_size']}); {s['pairs']} pairs of "
              f"{s['prompt_len']}+{s['response_len']} tokens; proj_dim {s['proj_dim']}, chunk {f.settings.chunk_size}, "
              f"micro-batch {s['micro_batch']}; {jax.devices()[0].device_kind}; {s['repeats']} interleaved repetitions, median")
+    seq = s["prompt_len"] + s["response_len"]
+    pair_flops = dpo_step_flops(ModelConfig(**s["model"]), 2 * seq, seq, lora_params=f.num_params, reference_forward=False)
     feature_s = median([b["seconds"] for b in timed["features"]])
+    flop_rate = (f"featurizer at {pair_flops * rate(timed['features']) / 1e9:.0f} GFLOP/s of model FLOPs "
+                 f"({pair_flops / 1e9:.3g} GFLOP per pair: LoRA forward and backward of chosen and rejected, bench/flops.py)")
     epoch_s = median([b["seconds"] for b in timed["dpo_epoch"]])
     if not peers:
         less_rate = less_grad_rate = float("nan")
@@ -312,7 +317,8 @@ def run(size: str) -> list[dict]:
                f"; LESS's {LESS_PROJ_DIM} would need {4 * f.num_params * LESS_PROJ_DIM / 2**30:.0f} GiB dense")
             + f"), all {s['pairs']} pairs per block; pair-0 gradient before projection matches jax.grad(pair_loss) to "
             f"{peer_info['grad_rel_diff']:.1e} relative (asserted < {peer_info['grad_rtol']:g}); peer at its best allocator "
-            "setting: " + "; ".join(f"{name}: {v:.3g} pairs/s" for name, v in with_projection.items()) + ".")
+            "setting: " + "; ".join(f"{name}: {v:.3g} pairs/s" for name, v in with_projection.items())
+            + f"; {flop_rate}; {TARGET:g}x the peer would take {TARGET * less_rate * pair_flops / 1e9:.0f} GFLOP/s.")
         grad_note = (f"{shape}; bpo_jax: jax.vmap(jax.grad(pair_loss)) over micro-batches of every pair, gradients "
                      "left unprojected; peer: the same LESS-style pass, its projection time excluded (timed apart in "
                      "the same pass); peer settings: "
