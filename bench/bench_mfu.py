@@ -93,8 +93,8 @@ def run(size: str) -> list[dict]:
                            batch_size=s["batch_size"], warmup_steps=s["warmup"], reference="precomputed",
                            dtype=STEP_DTYPE[size], **OPTIM)
             device = w.call("peak_setup", **peak)
-            w.call("ceiling_setup", model=s["model"], rows=setup["tokens_per_step"] // seq, seq_len=seq,
-                   dtype=STEP_DTYPE[size])
+            ceiling_shapes = w.call("ceiling_setup", model=s["model"], rows=setup["tokens_per_step"] // seq,
+                                    seq_len=seq, dtype=STEP_DTYPE[size])["shapes"]
             blocks = interleave({"step": lambda: w.call("dpo_measure", steps=s["steps"]),
                                  "peak": lambda: w.call("peak_measure"),
                                  "ceiling": lambda: w.call("ceiling_measure")}, s["repeats"])
@@ -108,7 +108,7 @@ def run(size: str) -> list[dict]:
             f"full fine-tuning, reference log-probs precomputed; peak = {peak['n']}x{peak['n']} {peak['dtype']} "
             f"jnp.matmul, the fastest block; step: {s['repeats']} interleaved blocks, median. ratio = MFU.")
     ceiling = flops_per_token * tokens / min(b["seconds"] for b in blocks["ceiling"])
-    ceiling_note = (f"the step's {len(step_matmuls(config, tokens // seq, seq))} matmul shapes (bench/flops.py "
+    ceiling_note = (f"the step's {ceiling_shapes} matmul shapes (bench/flops.py "
                     f"step_matmuls: projections, LM head and attention dots, forward and backward) each timed alone, "
                     f"{CEILING_CALLS} calls per block, fastest of {s['repeats']} blocks; ours = model FLOPs / their "
                     f"summed time; ratio = the highest MFU this device's matmuls allow at these shapes.")
